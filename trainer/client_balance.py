@@ -1,0 +1,133 @@
+"""Client-side balancing across teacher replicas: least in flight, with cool-downs.
+
+Each request attempt takes a slot on one endpoint and gives it back when the attempt
+ends. The policy:
+1. Never an endpoint disabled by the handshake (it serves a different model).
+2. Prefer endpoints that are up (not cooling down after a failure) and below
+   `max_in_flight`; among them the fewest attempts in flight, ties broken at random so
+   that many clients do not all pile onto the first replica in their lists.
+3. Avoid the endpoint that just failed this request when any other one qualifies.
+4. When every endpoint is cooling down, take the one whose cool-down ends first: the
+   caller's backoff paces the retries, and a replica that came back is found at once.
+5. When every usable endpoint is full, wait until a slot frees.
+
+A failure puts an endpoint into a cool-down of backoff length that doubles with
+consecutive failures; a success clears it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass
+class Endpoint:
+    """One replica's balancing state (mutated only on the client's event loop)."""
+
+    target: str
+    in_flight: int = 0
+    failures: int = 0  # consecutive
+    down_until: float = 0.0  # monotonic seconds
+    disabled: str | None = None  # why the handshake excluded it
+    verified: bool = False  # Info checked against the expectations
+
+
+class Balancer:
+    """Chooses the endpoint for each attempt (see the module docstring)."""
+
+    def __init__(
+        self,
+        targets: Iterable[str],
+        max_in_flight: int,
+        *,
+        cooldown_base_s: float = 0.05,
+        cooldown_max_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.endpoints = {t: Endpoint(t) for t in targets}
+        self._max = max_in_flight
+        self._base = cooldown_base_s
+        self._cap = cooldown_max_s
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._freed: asyncio.Event | None = None  # made on the loop that uses it
+
+    # -- policy (pure: no waiting) -----------------------------------------------------
+
+    def pick(self, avoid: str | None = None) -> Endpoint | None:
+        """The endpoint for the next attempt, or None when every usable one is full.
+
+        Raises LookupError when every endpoint is disabled.
+        """
+        usable = [e for e in self.endpoints.values() if e.disabled is None]
+        if not usable:
+            reasons = "; ".join(f"{e.target}: {e.disabled}" for e in self.endpoints.values())
+            raise LookupError(f"every teacher endpoint is excluded ({reasons})")
+        open_ = [e for e in usable if e.in_flight < self._max]
+        if not open_:
+            return None
+        now = self._clock()
+        up = [e for e in open_ if e.down_until <= now]
+        if up:
+            others = [e for e in up if e.target != avoid]
+            pool = others or up
+            least = min(e.in_flight for e in pool)
+            return self._rng.choice([e for e in pool if e.in_flight == least])
+        others = [e for e in open_ if e.target != avoid]
+        return min(others or open_, key=lambda e: e.down_until)
+
+    def has_other_up(self, target: str) -> bool:
+        """Whether some usable endpoint other than `target` is not cooling down."""
+        now = self._clock()
+        return any(
+            e.target != target and e.disabled is None and e.down_until <= now
+            for e in self.endpoints.values()
+        )
+
+    # -- slots ---------------------------------------------------------------------------
+
+    async def acquire(self, avoid: str | None = None) -> Endpoint:
+        """Takes a slot on the chosen endpoint, waiting while all are full.
+
+        Raises LookupError when every endpoint is disabled.
+        """
+        if self._freed is None:
+            self._freed = asyncio.Event()
+        # No await between a failed pick and clear(), so no release can slip in between
+        # and be missed; every waiter re-checks after a wake-up.
+        while (endpoint := self.pick(avoid)) is None:
+            self._freed.clear()
+            await self._freed.wait()
+        endpoint.in_flight += 1
+        return endpoint
+
+    def release(self, endpoint: Endpoint) -> None:
+        """Gives back a slot taken by `acquire` and wakes the waiters."""
+        endpoint.in_flight -= 1
+        if self._freed is not None:
+            self._freed.set()
+
+    # -- health --------------------------------------------------------------------------
+
+    def mark_failed(self, target: str, at_least_s: float = 0.0) -> None:
+        """Starts (or lengthens) a cool-down after a connection failure or drain."""
+        endpoint = self.endpoints[target]
+        endpoint.failures += 1
+        cooldown = min(self._cap, self._base * 2.0 ** min(endpoint.failures - 1, 60))
+        endpoint.down_until = self._clock() + max(cooldown, at_least_s)
+
+    def mark_ok(self, target: str) -> None:
+        endpoint = self.endpoints[target]
+        endpoint.failures = 0
+        endpoint.down_until = 0.0
+
+    def disable(self, target: str, reason: str) -> None:
+        """Excludes an endpoint for good and wakes waiters (they may now have to fail)."""
+        self.endpoints[target].disabled = reason
+        if self._freed is not None:
+            self._freed.set()

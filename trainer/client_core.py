@@ -1,0 +1,402 @@
+"""The asynchronous teacher client: handshake, balancing, retries and failover.
+
+Every request is a ScoreStream message on one endpoint's stream (see client_stream).
+One request, one result, whatever happens to the replicas:
+
+    attempt on the least-loaded endpoint
+      -> result                        : decoded once, returned to the caller
+      -> stream lost / UNAVAILABLE     : retried at once on another live endpoint (or
+                                         after backoff when none), SAME request id
+      -> RESOURCE_EXHAUSTED / DEADLINE : retried after jittered backoff >= server hint
+      -> anything else                 : raised (TeacherRequestError)
+    all of it inside the request's deadline (TeacherDeadlineError past it).
+
+Exactly once: only one attempt of a request is awaited at a time, the caller's result
+is set by the single retry loop below, and answers arriving for an abandoned attempt
+are dropped by the stream (or re-attached when the same id is retried on that stream).
+Scoring is idempotent, so a request the dead replica had already scored costs compute,
+never correctness.
+
+Usage (inside a running event loop):
+
+    client = AsyncTeacherClient(ClientConfig(endpoints=("teacher-0:50051",)))
+    info = await client.connect(vocab_size=V, tokenizer_fingerprint=fp)
+    scores = await client.score(ids, start, top_k=16)
+    await client.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Sequence
+
+import grpc
+import torch
+
+from teacher_service.codec import decode_result, encode
+from teacher_service.errors import ServiceError
+from teacher_service.v1 import teacher_pb2 as pb
+from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
+from trainer.client_balance import Balancer, Endpoint
+from trainer.client_errors import (
+    AttemptFailure,
+    HandshakeError,
+    StreamBroken,
+    TeacherDeadlineError,
+    TeacherError,
+    TeacherRequestError,
+    TeacherUnavailableError,
+    status_from_int,
+)
+from trainer.client_handshake import Expectation, check, select_teacher
+from trainer.client_retry import FATAL_STREAM_CODES, backoff_delay, is_retryable
+from trainer.client_stream import EndpointStream, call_metadata, make_channel
+from trainer.client_types import ClientConfig, ScoreSpec, TeacherInfo, TeacherScores
+
+log = logging.getLogger(__name__)
+
+_WIRE_DTYPES = {
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+}
+Outcome = pb.ScoreStreamResponse | AttemptFailure
+
+
+class AsyncTeacherClient:
+    """Scores sequences on a replicated teacher service; one instance per event loop."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self._balancer = Balancer(
+            config.endpoints,
+            config.max_in_flight,
+            cooldown_base_s=config.backoff_base_s,
+            cooldown_max_s=config.backoff_max_s,
+        )
+        self._metadata = call_metadata(config)
+        self._rng = random.Random()
+        # Channels and streams belong to the loop they were made on: created lazily.
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._streams: dict[str, EndpointStream] = {}
+        self._expect = Expectation()
+        self._info: TeacherInfo | None = None
+        self._connect_lock: asyncio.Lock | None = None
+        self._closed = False
+
+    @property
+    def info(self) -> TeacherInfo | None:
+        """The teacher found by `connect` (from the first endpoint that answered)."""
+        return self._info
+
+    # -- handshake ---------------------------------------------------------------------
+
+    async def connect(
+        self, *, vocab_size: int | None = None, tokenizer_fingerprint: str | None = None
+    ) -> TeacherInfo:
+        """Calls Info on every endpoint and checks the teacher against the student.
+
+        Raises HandshakeError when a reachable endpoint does not host the teacher, its
+        vocab size or tokenizer fingerprint differs from the given ones, or replicas
+        disagree with each other. Endpoints unreachable now are checked before their
+        first request. Raises TeacherUnavailableError when none answers within the
+        retry budget, TeacherRequestError when the server refuses the credentials.
+        """
+        self._expect = Expectation(vocab_size, tokenizer_fingerprint)
+        self._info = None
+        for endpoint in self._balancer.endpoints.values():
+            endpoint.verified = False
+        errors: dict[str, str] = {}
+        for retry in range(self.config.max_retries + 1):
+            targets = list(self._balancer.endpoints)
+            outcomes = await asyncio.gather(
+                *(self._fetch_info(t) for t in targets), return_exceptions=True
+            )
+            infos: list[TeacherInfo] = []
+            for target, outcome in zip(targets, outcomes, strict=True):
+                if isinstance(outcome, TeacherInfo):
+                    infos.append(outcome)
+                elif isinstance(outcome, grpc.aio.AioRpcError):
+                    if outcome.code() in FATAL_STREAM_CODES:
+                        raise TeacherRequestError(
+                            f"Info refused by {target}: {outcome.code().name}: {outcome.details()}",
+                            outcome.code(),
+                        )
+                    errors[target] = f"{outcome.code().name}: {outcome.details()}"
+                else:
+                    raise outcome  # HandshakeError or a bug: not retried
+            if infos:
+                for info in infos:
+                    check(info, self._expect, infos[0])
+                    self._balancer.endpoints[info.endpoint].verified = True
+                for target, error in errors.items():
+                    if not self._balancer.endpoints[target].verified:
+                        log.warning(
+                            "teacher endpoint %s unreachable at connect (%s); "
+                            "it is checked before its first request",
+                            target,
+                            error,
+                        )
+                self._info = infos[0]
+                log.info(
+                    "connected to teacher %r (%s, vocab %d) on %d/%d endpoints",
+                    self._info.name,
+                    self._info.model_name,
+                    self._info.vocab_size,
+                    len(infos),
+                    len(targets),
+                )
+                return self._info
+            if retry < self.config.max_retries:
+                await asyncio.sleep(self._delay(retry + 1, 0.0))
+        detail = "; ".join(f"{t}: {e}" for t, e in errors.items())
+        raise TeacherUnavailableError(
+            f"no teacher endpoint answered Info ({detail})", grpc.StatusCode.UNAVAILABLE
+        )
+
+    async def _fetch_info(self, target: str) -> TeacherInfo:
+        stub = pb_grpc.TeacherServiceStub(self._channel(target))
+        response = await stub.Info(
+            pb.InfoRequest(), metadata=self._metadata, timeout=self.config.deadline_s
+        )
+        return select_teacher(response, self.config.teacher, target)
+
+    async def _ensure_connected(self) -> TeacherInfo:
+        if self._info is not None:
+            return self._info
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if self._info is None:
+                await self.connect(
+                    vocab_size=self._expect.vocab_size,
+                    tokenizer_fingerprint=self._expect.tokenizer_fingerprint,
+                )
+        assert self._info is not None
+        return self._info
+
+    async def _verify(self, endpoint: Endpoint) -> AttemptFailure | None:
+        """Checks an endpoint that missed the connect-time handshake; None when fine."""
+        try:
+            info = await self._fetch_info(endpoint.target)
+            check(info, self._expect, self._info)
+        except grpc.aio.AioRpcError as error:
+            return AttemptFailure(error.code(), error.details() or "", connection_lost=True)
+        except HandshakeError as error:
+            log.error("excluding teacher endpoint %s: %s", endpoint.target, error)
+            self._balancer.disable(endpoint.target, str(error))
+            return AttemptFailure(grpc.StatusCode.UNAVAILABLE, str(error), connection_lost=True)
+        endpoint.verified = True
+        return None
+
+    # -- scoring -----------------------------------------------------------------------
+
+    async def score(
+        self,
+        token_ids: torch.Tensor,
+        start: int,
+        top_k: int,
+        *,
+        query_ids: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        logprob_dtype: torch.dtype = torch.float32,
+        request_id: str | None = None,
+    ) -> TeacherScores:
+        """Scores one sequence: token_ids [L], rows for ids[start..L-1] (R = L - start)."""
+        spec = ScoreSpec(token_ids, start, top_k, query_ids, temperature, logprob_dtype, request_id)
+        return await self.score_spec(spec)
+
+    async def score_batch(self, seqs: Sequence[ScoreSpec]) -> list[TeacherScores]:
+        """Scores sequences concurrently; results in input order. The first failure
+        cancels the others and is raised."""
+        tasks = [asyncio.ensure_future(self.score_spec(spec)) for spec in seqs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+
+    async def score_spec(self, spec: ScoreSpec) -> TeacherScores:
+        """Scores one ScoreSpec with retries and failover (see the module docstring)."""
+        if self._closed:
+            raise TeacherError("the teacher client is closed")
+        spec.validate()
+        request_id = spec.request_id or uuid.uuid4().hex
+        try:
+            async with asyncio.timeout(self.config.deadline_s):
+                info = await self._ensure_connected()
+                request = self._request(spec, request_id, info)
+                return await self._score_with_retries(request, spec)
+        except TimeoutError as error:
+            if isinstance(error, TeacherError):
+                raise
+            raise TeacherDeadlineError(
+                f"request {request_id}: no teacher result within the deadline of "
+                f"{self.config.deadline_s} s",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ) from None
+
+    async def _score_with_retries(self, request: pb.ScoreRequest, spec: ScoreSpec) -> TeacherScores:
+        history: list[str] = []
+        avoid: str | None = None
+        for retry in range(self.config.max_retries + 1):
+            try:
+                endpoint = await self._balancer.acquire(avoid)
+            except LookupError as error:
+                raise HandshakeError(str(error)) from None
+            try:
+                outcome = await self._attempt(endpoint, request)
+            finally:
+                self._balancer.release(endpoint)
+            if isinstance(outcome, pb.ScoreStreamResponse):
+                self._balancer.mark_ok(endpoint.target)
+                return self._decode(outcome, spec, endpoint.target)
+            history.append(f"{endpoint.target}: {outcome.describe()}")
+            if self._closed:
+                raise TeacherError(f"request {request.request_id}: the client was closed")
+            if not is_retryable(outcome):
+                raise TeacherRequestError(
+                    f"request {request.request_id} refused by {endpoint.target}: "
+                    f"{outcome.describe()}",
+                    outcome.code,
+                )
+            if outcome.code == grpc.StatusCode.UNAVAILABLE and not outcome.connection_lost:
+                self._balancer.mark_failed(endpoint.target, outcome.retry_after_s)  # draining
+            if retry == self.config.max_retries:
+                break
+            avoid = endpoint.target
+            # A lost replica is not this request's fault: go straight to a live one.
+            if outcome.connection_lost and self._balancer.has_other_up(endpoint.target):
+                delay = 0.0
+            else:
+                delay = self._delay(retry + 1, outcome.retry_after_s)
+            log.debug(
+                "request %s: retry %d in %.3f s after %s",
+                request.request_id,
+                retry + 1,
+                delay,
+                history[-1],
+            )
+            await asyncio.sleep(delay)
+        raise TeacherUnavailableError(
+            f"request {request.request_id}: no result after {len(history)} attempts: "
+            + "; ".join(history),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+
+    async def _attempt(self, endpoint: Endpoint, request: pb.ScoreRequest) -> Outcome:
+        """One try on one endpoint: its response, or why there is none."""
+        if not endpoint.verified:
+            failure = await self._verify(endpoint)
+            if failure is not None:
+                return failure
+        try:
+            future = await self._stream(endpoint.target).send(request)
+            response = await asyncio.shield(future)  # a cancelled waiter leaves the entry
+        except StreamBroken as broken:
+            return broken.failure
+        if response.HasField("error"):
+            error = response.error
+            return AttemptFailure(
+                status_from_int(error.code), error.message, error.retry_after_ms / 1000.0
+            )
+        return response
+
+    def _request(self, spec: ScoreSpec, request_id: str, info: TeacherInfo) -> pb.ScoreRequest:
+        return pb.ScoreRequest(
+            request_id=request_id,
+            # The resolved name, not "": every replica must use the handshake's teacher.
+            teacher=info.name,
+            token_ids=encode(spec.token_ids, torch.int32),
+            start=spec.start,
+            top_k=spec.top_k,
+            query_ids=encode(spec.query_ids, torch.int32) if spec.query_ids is not None else None,
+            temperature=spec.temperature,
+            logprob_dtype=_WIRE_DTYPES[spec.logprob_dtype],
+        )
+
+    @staticmethod
+    def _decode(response: pb.ScoreStreamResponse, spec: ScoreSpec, target: str) -> TeacherScores:
+        """The response's arrays as tensors (one buffer copy each), shapes checked."""
+        try:
+            d = decode_result(response.result)
+        except ServiceError as error:
+            raise TeacherError(f"malformed response from {target}: {error.message}") from None
+        rows = int(spec.token_ids.shape[0]) - spec.start
+        want = {
+            "topk_ids": (d.topk_ids, 2),
+            "topk_logprobs": (d.topk_logprobs, 2),
+            "token_logprobs": (d.token_logprobs, 1),
+            "leftover_logmass": (d.leftover_logmass, 1),
+        }
+        if spec.query_ids is not None:
+            want["query_logprobs"] = (d.query_logprobs, 2)
+        for name, (tensor, ndim) in want.items():
+            if tensor is None or tensor.dim() != ndim or tensor.shape[0] != rows:
+                shape = None if tensor is None else list(tensor.shape)
+                raise TeacherError(
+                    f"malformed response from {target}: {name} has shape {shape}, "
+                    f"expected {rows} rows"
+                )
+        query = d.query_logprobs.float() if spec.query_ids is not None else None
+        return TeacherScores(
+            topk_ids=d.topk_ids.long(),
+            topk_logprobs=d.topk_logprobs.float(),
+            token_logprobs=d.token_logprobs.float(),
+            query_logprobs=query,
+            leftover_logmass=d.leftover_logmass.float(),
+            request_id=response.request_id,
+            endpoint=target,
+        )
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = make_channel(target, self.config)
+        return channel
+
+    def _stream(self, target: str) -> EndpointStream:
+        """The endpoint's live stream, opening a new one after the last one broke."""
+        stream = self._streams.get(target)
+        if stream is None or stream.broken is not None:
+            stream = EndpointStream(
+                target,
+                self._channel(target),
+                self._metadata,
+                on_broken=lambda failure, _waiting: self._stream_broken(target, failure),
+            )
+            self._streams[target] = stream
+        return stream
+
+    def _stream_broken(self, target: str, failure: AttemptFailure) -> None:
+        if failure.code not in FATAL_STREAM_CODES:
+            self._balancer.mark_failed(target, failure.retry_after_s)
+
+    def _delay(self, retry: int, retry_after_s: float) -> float:
+        return backoff_delay(
+            retry, self.config.backoff_base_s, self.config.backoff_max_s, retry_after_s, self._rng
+        )
+
+    async def close(self) -> None:
+        """Closes every stream and channel; requests still waiting fail."""
+        if self._closed:
+            return
+        self._closed = True
+        streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            await stream.close()
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
+
+    async def __aenter__(self) -> AsyncTeacherClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

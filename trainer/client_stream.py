@@ -1,0 +1,183 @@
+"""One endpoint's connection: a gRPC channel and the ScoreStream that multiplexes on it.
+
+Many requests are in flight on one stream; responses come back in any order and are
+routed to their waiters by request_id. Writes are serialised (gRPC allows one pending
+write per call). When the stream ends - the server died, drained or refused us - every
+request still waiting on it gets `StreamBroken` with the cause, and the client retries
+them (on this endpoint's next stream or on another endpoint) with the same request ids.
+
+A waiter that gives up (cancelled, deadline) leaves its entry in place until the answer
+arrives: a retry of the same request id on the same stream then re-attaches to that
+entry instead of sending a duplicate, which keeps request ids unique among the requests
+in flight on one stream, as the protocol requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from teacher_service.v1 import teacher_pb2 as pb
+from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
+from trainer.client_errors import AttemptFailure, StreamBroken
+from trainer.client_types import ClientConfig
+
+log = logging.getLogger(__name__)
+
+Metadata = Sequence[tuple[str, str]]
+
+
+def make_channel(target: str, config: ClientConfig) -> grpc.aio.Channel:
+    """An aio channel to `target` with the config's TLS, message limits and keepalive."""
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Reconnect about as fast as the client's own backoff, not gRPC's default (1 s
+        # growing to 120 s): a replica that restarts should get traffic again quickly.
+        ("grpc.initial_reconnect_backoff_ms", max(1, int(config.backoff_base_s * 1000))),
+        ("grpc.min_reconnect_backoff_ms", max(1, int(config.backoff_base_s * 1000))),
+        ("grpc.max_reconnect_backoff_ms", max(1, int(config.backoff_max_s * 1000))),
+    ]
+    if config.keepalive_s is not None:
+        options += [
+            ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(max(1.0, config.keepalive_s / 2) * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+    tls = config.tls
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_cert.read_bytes() if tls.ca_cert else None,
+        private_key=tls.client_key.read_bytes() if tls.client_key else None,
+        certificate_chain=tls.client_cert.read_bytes() if tls.client_cert else None,
+    )
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+def call_metadata(config: ClientConfig) -> tuple[tuple[str, str], ...]:
+    """Metadata sent with every call: client id and bearer token when configured."""
+    metadata: list[tuple[str, str]] = []
+    if config.client_id:
+        metadata.append(("x-client-id", config.client_id))
+    if config.token:
+        metadata.append(("authorization", f"Bearer {config.token}"))
+    return tuple(metadata)
+
+
+def failure_from_rpc_error(error: grpc.aio.AioRpcError) -> AttemptFailure:
+    """A stream-level gRPC error as the failure of the requests the stream carried."""
+    return AttemptFailure(error.code(), error.details() or "", connection_lost=True)
+
+
+class EndpointStream:
+    """A live ScoreStream on one channel; `broken` is set once it has ended.
+
+    Args:
+        target: the endpoint, for messages.
+        channel: the endpoint's channel (owned by the caller).
+        metadata: sent when the stream opens.
+        on_broken: called once with the cause when the stream ends on its own (not
+            when `close` ends it), and whether requests were waiting on it.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        channel: grpc.aio.Channel,
+        metadata: Metadata,
+        on_broken: Callable[[AttemptFailure, bool], None],
+    ) -> None:
+        self.target = target
+        self.broken: AttemptFailure | None = None
+        self._on_broken = on_broken
+        self._pending: dict[str, asyncio.Future[pb.ScoreStreamResponse]] = {}
+        self._write_lock = asyncio.Lock()
+        self._call = pb_grpc.TeacherServiceStub(channel).ScoreStream(metadata=tuple(metadata))
+        self._closing = False
+        self._reader = asyncio.create_task(self._read_loop(), name=f"score-stream-{target}")
+
+    @property
+    def pending(self) -> int:
+        """Requests written and not yet answered (including abandoned ones)."""
+        return len(self._pending)
+
+    async def send(self, request: pb.ScoreRequest) -> asyncio.Future[pb.ScoreStreamResponse]:
+        """Writes `request` and returns the future of its response.
+
+        The future fails with StreamBroken if the stream ends first. Await it through
+        `asyncio.shield` so that a waiter's cancellation does not cancel the entry.
+        """
+        if self.broken is not None:
+            raise StreamBroken(self.broken)
+        existing = self._pending.get(request.request_id)
+        if existing is not None:  # same id still in flight here: wait for that answer
+            return existing
+        future: asyncio.Future[pb.ScoreStreamResponse] = asyncio.get_running_loop().create_future()
+        self._pending[request.request_id] = future
+        try:
+            async with self._write_lock:
+                await self._call.write(request)
+        except grpc.aio.AioRpcError as error:
+            self._break(failure_from_rpc_error(error))
+        except (asyncio.InvalidStateError, grpc.aio.UsageError) as error:
+            # The call already finished; the reader holds (or will hold) the real status.
+            self._break(AttemptFailure(grpc.StatusCode.UNAVAILABLE, str(error), 0.0, True))
+        return future
+
+    async def close(self) -> None:
+        """Half-closes the stream, stops reading and fails whatever still waits."""
+        self._closing = True
+        if self.broken is None:
+            with contextlib.suppress(Exception):
+                async with self._write_lock:
+                    await self._call.done_writing()
+        self._call.cancel()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        self._break(AttemptFailure(grpc.StatusCode.CANCELLED, "client closed", 0.0, True))
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                message = await self._call.read()
+                if message is grpc.aio.EOF:
+                    failure = AttemptFailure(
+                        grpc.StatusCode.UNAVAILABLE, "stream closed by the server", 0.0, True
+                    )
+                    break
+                future = self._pending.pop(message.request_id, None)
+                if future is None:
+                    log.debug(
+                        "%s: dropping response for unknown id %s", self.target, message.request_id
+                    )
+                elif not future.done():
+                    future.set_result(message)
+        except grpc.aio.AioRpcError as error:
+            failure = failure_from_rpc_error(error)
+        self._break(failure)
+
+    def _break(self, failure: AttemptFailure) -> None:
+        if self.broken is not None:
+            return
+        self.broken = failure
+        waiting, self._pending = self._pending, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(StreamBroken(failure))
+                future.exception()  # mark retrieved: abandoned entries have no waiter
+        if not self._closing:
+            log.info(
+                "%s: ScoreStream ended (%s) with %d requests waiting",
+                self.target,
+                failure.describe(),
+                len(waiting),
+            )
+            self._on_broken(failure, bool(waiting))
