@@ -31,7 +31,7 @@ def _oracle(z, t, w, rho, go, teacher_logits=False):
 
 
 def _run(z, t, w, rho, go, teacher_logits=False, block_v=None):
-    zz = z.to(DEVICE).requires_grad_(True)
+    zz = z.detach().clone().to(DEVICE).requires_grad_(True)
     dev = [x.to(DEVICE) for x in (t, w, rho, go)]
     kl = dense_kl_triton(zz, dev[0], dev[1], dev[2], teacher_logits, block_v=block_v)
     kl.backward(dev[3])
@@ -107,7 +107,7 @@ def test_forward_without_grad_and_double_backward(gen):
     z, t, w, rho, go = _inputs(gen, 4, 200, 1, torch.float32)
     with torch.no_grad():
         kl_nograd = dense_kl_triton(z.to(DEVICE).requires_grad_(True), t.to(DEVICE), block_v=64)
-    zz = z.to(DEVICE).requires_grad_(True)
+    zz = z.detach().clone().to(DEVICE).requires_grad_(True)
     kl = dense_kl_triton(zz, t.to(DEVICE), block_v=64)
     torch.testing.assert_close(kl_nograd, kl.detach())
     kl.sum().backward(retain_graph=True)
