@@ -104,7 +104,7 @@ def test_strided_rows_and_no_weights(gen):
 
 
 def test_forward_without_grad_and_double_backward(gen):
-    z, t, w, rho, go = _inputs(gen, 4, 200, 1, torch.float32)
+    z, t, _w, _rho, _go = _inputs(gen, 4, 200, 1, torch.float32)
     with torch.no_grad():
         kl_nograd = dense_kl_triton(z.to(DEVICE).requires_grad_(True), t.to(DEVICE), block_v=64)
     zz = z.detach().clone().to(DEVICE).requires_grad_(True)
@@ -116,7 +116,7 @@ def test_forward_without_grad_and_double_backward(gen):
 
 
 def test_dispatcher(gen):
-    z, t, w, rho, go = _inputs(gen, 4, 100, 2, torch.float32)
+    z, t, w, rho, _go = _inputs(gen, 4, 100, 2, torch.float32)
     assert use_triton(z.to(DEVICE)) and not use_triton(z.double()) and not use_triton(z, "torch")
     a = dense_kl(z.to(DEVICE), t.to(DEVICE), w.to(DEVICE), rho.to(DEVICE))
     b = dense_kl(z, t, w, rho, backend="torch")
