@@ -74,7 +74,7 @@ def future_returns(
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     m = mask.to(c.dtype)
-    x = c * m
+    x = torch.where(m != 0, c, 0.0)  # padding may hold anything, even NaN
     T = x.shape[-1]
     s, shift, f = x, 1, float(gamma)
     while shift < T:  # invariant: s_t = Σ_{k=t}^{t+shift-1} γ^(k−t) x_k
