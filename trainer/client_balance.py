@@ -3,13 +3,16 @@
 Each request attempt takes a slot on one endpoint and gives it back when the attempt
 ends. The policy:
 1. Never an endpoint disabled by the handshake (it serves a different model).
-2. Prefer endpoints that are up (not cooling down after a failure) and below
-   `max_in_flight`; among them the fewest attempts in flight, ties broken at random so
-   that many clients do not all pile onto the first replica in their lists.
+2. While any endpoint is up (not cooling down after a failure), use only those: the
+   one with the fewest attempts in flight below its capacity, ties broken at random so
+   that many clients do not all pile onto the first replica in their lists; when they
+   are all full, wait for a slot rather than spill onto a failed one.
 3. Avoid the endpoint that just failed this request when any other one qualifies.
 4. When every endpoint is cooling down, take the one whose cool-down ends first: the
    caller's backoff paces the retries, and a replica that came back is found at once.
-5. When every usable endpoint is full, wait until a slot frees.
+5. Capacity is `max_in_flight`, but only one probe attempt for an endpoint that failed
+   and has not succeeded since, so that a replica that died is not handed a whole
+   burst of requests the moment its cool-down ends.
 
 A failure puts an endpoint into a cool-down of backoff length that doubles with
 consecutive failures; a success clears it.
@@ -60,7 +63,7 @@ class Balancer:
     # -- policy (pure: no waiting) -----------------------------------------------------
 
     def pick(self, avoid: str | None = None) -> Endpoint | None:
-        """The endpoint for the next attempt, or None when every usable one is full.
+        """The endpoint for the next attempt, or None when the attempt must wait.
 
         Raises LookupError when every endpoint is disabled.
         """
@@ -68,18 +71,26 @@ class Balancer:
         if not usable:
             reasons = "; ".join(f"{e.target}: {e.disabled}" for e in self.endpoints.values())
             raise LookupError(f"every teacher endpoint is excluded ({reasons})")
-        open_ = [e for e in usable if e.in_flight < self._max]
-        if not open_:
-            return None
         now = self._clock()
-        up = [e for e in open_ if e.down_until <= now]
+        up = [e for e in usable if e.down_until <= now]
         if up:
-            others = [e for e in up if e.target != avoid]
-            pool = others or up
+            # Full live replicas make the attempt wait rather than spill onto one that
+            # just failed: a dead replica would burn the request's retries in a loop.
+            open_ = [e for e in up if e.in_flight < self.capacity(e)]
+            if not open_:
+                return None
+            pool = [e for e in open_ if e.target != avoid] or open_
             least = min(e.in_flight for e in pool)
             return self._rng.choice([e for e in pool if e.in_flight == least])
-        others = [e for e in open_ if e.target != avoid]
-        return min(others or open_, key=lambda e: e.down_until)
+        open_ = [e for e in usable if e.in_flight < self.capacity(e)]
+        if not open_:
+            return None
+        pool = [e for e in open_ if e.target != avoid] or open_
+        return min(pool, key=lambda e: e.down_until)
+
+    def capacity(self, endpoint: Endpoint) -> int:
+        """Slots an endpoint may use: one probe while it has not succeeded since failing."""
+        return 1 if endpoint.failures else self._max
 
     def has_other_up(self, target: str) -> bool:
         """Whether some usable endpoint other than `target` is not cooling down."""
