@@ -64,7 +64,7 @@ def dense_kl(
     ρ_n Σ_m w_m p ⊙ (log p − log q_m − KL_m), times grad_output[n].
     """
     if use_triton(student_logits, backend):
-        from trainer.ops.dense_kl import dense_kl_triton  # triton imported only when used
+        from trainer.ops.dense_kl_kernel import dense_kl_triton  # triton imported only when used
 
         return dense_kl_triton(
             student_logits, teacher_logprobs, teacher_weights, row_weights, teacher_are_logits
@@ -87,7 +87,7 @@ def topk_kl(
     teacher_known: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> TopKKLResult:
-    """Top-K KL on a support S (MATH.md § Top-K Dense gradient; modes in topk_kl.py).
+    """Top-K KL on a support S (MATH.md § Top-K Dense gradient; modes in topk_kl_kernel.py).
 
     student_logits: [N, V]. support_ids: [N, K] int64, -1 = padding, unique per row.
     teacher_logprobs_at_support: [M, N, K] or [N, K]; NaN (or teacher_known=False) marks ids
@@ -106,7 +106,7 @@ def topk_kl(
         teacher_known,
     )
     if use_triton(student_logits, backend):
-        from trainer.ops.topk_kl import topk_kl_triton
+        from trainer.ops.topk_kl_kernel import topk_kl_triton
 
         return topk_kl_triton(student_logits, support_ids, lq, teacher_weights, row_weights, mode)
     return topk_kl_reference(student_logits, support_ids, lq, teacher_weights, row_weights, mode)

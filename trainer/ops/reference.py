@@ -1,8 +1,9 @@
 """Pure-torch references for the Dense kernels: the float64 test oracle and the CPU fallback.
 
-Same maths and signatures as dense_kl.py / topk_kl.py (see their docstrings and MATH.md
-§ Logit-level Dense gradient, § Top-K Dense gradient), written with plain autograd so that
-the gradient is obtained independently of the kernels' hand-written formulas:
+Same maths and signatures as dense_kl_kernel.py / topk_kl_kernel.py (see their docstrings
+and MATH.md § Logit-level Dense gradient, § Top-K Dense gradient), written with plain
+autograd so that the gradient is obtained independently of the kernels' hand-written
+formulas:
 
 - dense: autograd of Σ_m w_m Σ_v p (log p − log q_m) — an exact gradient.
 - top-K "exact": autograd of kl_S = Σ_{i∈S} p_i (W log p_i − lq̄_i) with p the full softmax.
@@ -83,7 +84,7 @@ def topk_kl_reference(
     row_weights: torch.Tensor | None = None,  # [N]
     mode: TopKMode = "sparse",
 ) -> TopKKLResult:
-    """Reference top-K KL (see topk_kl.py for the maths of each mode)."""
+    """Reference top-K KL (see topk_kl_kernel.py for the maths of each mode)."""
     if mode not in ("sparse", "exact", "renorm"):
         raise ValueError(f"mode must be 'sparse', 'exact' or 'renorm', got {mode!r}")
     cdt = _compute_dtype(student_logits)

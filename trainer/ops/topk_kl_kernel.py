@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trainer.ops.dense_kl import (
+from trainer.ops.dense_kl_kernel import (
     _NEG_BIG,
     _block_v,
     _num_warps,

@@ -10,14 +10,16 @@ from trainer.ops.dispatch import triton_interpreter_on
 DEVICE = "cuda" if torch.cuda.is_available() and not triton_interpreter_on() else "cpu"
 
 # Inputs are rounded to the dtype first and the float64 oracle sees the same rounded values,
-# so what remains is fp32 accumulation (kl) and the rounding of the stored gradient:
-# fp16 has 11 significant bits, bf16 8 (the interpreter truncates fp32 -> bf16: ~1 ulp).
+# so what remains is fp32 accumulation (kl) and the rounding of the stored gradient, which
+# happens twice (the forward stores it in the student dtype, the backward scales it by
+# grad_output and stores it again): fp16 has 11 significant bits, bf16 8, and the
+# interpreter truncates fp32 -> bf16 (1 ulp = 2^-7 relative), so bf16 allows 2 ulps.
 # grad_atol is relative to the largest |gradient| of the batch (entries near 0 carry the
 # absolute error of log p − log q − KL times p, not a relative one).
 TOL: dict[torch.dtype, dict[str, float]] = {
     torch.float32: {"kl_atol": 2e-5, "kl_rtol": 1e-5, "grad_rtol": 1e-5, "grad_atol": 2e-6},
-    torch.float16: {"kl_atol": 2e-5, "kl_rtol": 1e-5, "grad_rtol": 1e-3, "grad_atol": 2e-4},
-    torch.bfloat16: {"kl_atol": 2e-5, "kl_rtol": 1e-5, "grad_rtol": 8e-3, "grad_atol": 2e-3},
+    torch.float16: {"kl_atol": 2e-5, "kl_rtol": 1e-5, "grad_rtol": 2e-3, "grad_atol": 2e-4},
+    torch.bfloat16: {"kl_atol": 2e-5, "kl_rtol": 1e-5, "grad_rtol": 1.6e-2, "grad_atol": 2e-3},
 }
 
 

@@ -7,7 +7,7 @@ import torch
 
 from tests.trainer.ops.helpers import DEVICE, TOL, assert_grad_close, assert_kl_close
 from trainer.ops import dense_kl, dense_kl_reference, use_triton
-from trainer.ops.dense_kl import dense_kl_triton
+from trainer.ops.dense_kl_kernel import dense_kl_triton
 
 DTYPES = list(TOL)
 
@@ -69,9 +69,14 @@ def test_extreme_logit_scales(gen, scale):
     z, t, w, rho, go = _inputs(gen, 6, 777, 2, torch.float32, scale=scale)
     kl, g = _run(z, t, w, rho, go, block_v=256)
     kl_ref, g_ref = _oracle(z, t, w, rho, go)
-    slack = max(1.0, z.abs().max().item() / 8)
-    torch.testing.assert_close(kl.double(), kl_ref, atol=2e-5 * slack, rtol=1e-5)
-    assert_grad_close(g, g_ref, torch.float32, slack)
+    # fp32 z − max(z) carries an absolute error ~|z|·2^-24, so log p is only that accurate,
+    # and the gradient ρ·go·p·(W log p − lq̄ − KL) inherits it times ρ·|go|·(1 + W).
+    zmax, W = z.abs().max().item(), w.sum().item()
+    amp = (rho * go).abs().max().item() * (1 + W)
+    torch.testing.assert_close(kl.double(), kl_ref, atol=2e-5 + 4e-7 * zmax * W, rtol=1e-5)
+    assert (g.double() - g_ref).abs().max() <= 1e-6 + 2e-7 * zmax * amp
+    if scale < 1:
+        assert_grad_close(g, g_ref, torch.float32)
 
 
 def test_masked_rows_may_hold_garbage(gen):

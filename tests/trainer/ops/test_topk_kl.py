@@ -16,7 +16,7 @@ from trainer.ops import (
     topk_kl,
     topk_kl_reference,
 )
-from trainer.ops.topk_kl import topk_kl_triton
+from trainer.ops.topk_kl_kernel import topk_kl_triton
 from trainer.ops.topk_support import log_uniform_fill
 
 MODES = ["sparse", "exact", "renorm"]
