@@ -12,6 +12,9 @@ Both overlays are rendered with `kubectl kustomize`, then:
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
+import inspect
 import random
 import re
 import sys
@@ -354,3 +357,19 @@ def test_secrets_are_referenced_never_committed(rendered):
     _, spec = _teacher(docs)
     secrets = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
     assert secrets == {"teacher-tls", "teacher-auth"}
+
+
+def test_trainer_run_config_loads_with_the_trainer_schema():
+    """deploy/k8s/base/train.yaml must be what trainer/config.py accepts (once it exists)."""
+    if importlib.util.find_spec("trainer.config") is None:
+        pytest.skip("trainer/config.py does not exist yet: train.yaml not checked")
+    module = importlib.import_module("trainer.config")
+    loaders = [
+        getattr(module, n) for n in ("load_config", "load", "from_yaml") if hasattr(module, n)
+    ]
+    for _, cls in inspect.getmembers(module, inspect.isclass):
+        if cls.__module__ == module.__name__:
+            loaders += [getattr(cls, n) for n in ("from_yaml", "load") if hasattr(cls, n)]
+    if not loaders:
+        pytest.skip("trainer/config.py has no load_config/load/from_yaml: train.yaml not checked")
+    loaders[0](ops.K8S / "base" / "train.yaml")
