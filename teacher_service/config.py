@@ -58,6 +58,8 @@ class ServerConfig:
     max_top_k: int = 64
     max_query_ids: int = 256
     max_sequence_length: int | None = None
+    # torch intra-op threads for this process (None: torch's default, one per core).
+    torch_threads: int | None = None
     # Scheduler.
     max_batch_tokens: int = 16384
     max_batch_size: int = 256
@@ -110,6 +112,8 @@ class ServerConfig:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if self.max_sequence_length is not None and self.max_sequence_length < 2:
             raise ValueError(f"--max-sequence-length must be >= 2, got {self.max_sequence_length}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"--torch-threads must be >= 1, got {self.torch_threads}")
         if self.max_wait_s < 0 or self.grace_seconds < 0:
             raise ValueError("--max-wait-ms and --grace-seconds must be >= 0")
         for flag, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port)):
@@ -145,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-query-ids", type=int, default=d.max_query_ids)
     p.add_argument(
         "--max-sequence-length", type=int, default=None, help="default: the model's limit"
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (CPU); default: one per core",
     )
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens)
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
@@ -203,6 +213,7 @@ def parse_args(
             max_top_k=args.max_top_k,
             max_query_ids=args.max_query_ids,
             max_sequence_length=args.max_sequence_length,
+            torch_threads=args.torch_threads,
             max_batch_tokens=args.max_batch_tokens,
             max_batch_size=args.max_batch_size,
             max_wait_s=args.max_wait_ms / 1000,

@@ -44,6 +44,8 @@ from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+# After the drain, how long open streams get to flush their last answers.
+STREAM_CLOSE_S = 1.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
 
 
@@ -137,9 +139,9 @@ class RunningServer:
         await self.begin_drain()
         if not await self.servicer.wait_idle(grace):
             log.warning("grace period of %.1fs over; cancelling remaining work", grace)
-        # Streams whose work is done may still be open: give them what is left of the
-        # grace period to close, then cancel them.
-        await self._grpc.stop(max(0.0, deadline - time.monotonic()))
+        # Every accepted sequence is answered; streams may still be open (a trainer keeps
+        # one for its whole run). Give their last answers a moment to leave, then cancel.
+        await self._grpc.stop(min(STREAM_CLOSE_S, max(0.0, deadline - time.monotonic())))
         for scheduler in self._schedulers:
             await scheduler.close()
         for backend in self._backends:
@@ -162,6 +164,12 @@ async def start_server(
     `drain_and_stop()` on the result to shut down.
     """
     metrics = metrics or Metrics(max_clients=config.max_client_labels)
+    if config.torch_threads is not None:
+        import torch
+
+        # Process-wide. On a small CPU host, fewer torch threads than cores leaves room
+        # for the event loop (gRPC I/O, encoding) instead of OpenMP workers spinning.
+        torch.set_num_threads(config.torch_threads)
     metrics.ready.set(0)
     state: dict[str, RunningServer] = {}
 

@@ -1,0 +1,158 @@
+"""Many clients at once over real gRPC: each gets its own correct rows, and a client
+with a huge backlog cannot starve one that sends a single sequence at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from teacher_service.codec import decode_result
+from teacher_service.server import ThreadedServer
+from tests.teacher_service.conftest import TINY_VOCAB, start_thread_server
+from tests.teacher_service.wire import Reference, make_request, random_sequence, stub
+
+CLIENTS = 32
+PER_CLIENT = 3
+
+
+def test_concurrent_clients_each_get_their_own_rows(
+    tiny_server: ThreadedServer, tiny_model_dir: Path
+) -> None:
+    gen = torch.Generator().manual_seed(int(time.time()))
+    ref = Reference.load(tiny_model_dir)
+    work = []  # per client: [(ids, start, top_k, expected token log-probs, expected top-1)]
+    for _ in range(CLIENTS):
+        mine = []
+        for _ in range(PER_CLIENT):
+            ids, start = random_sequence(gen, TINY_VOCAB, max_len=96)
+            logp = ref.logprobs(ids, start)
+            k = int(torch.randint(1, 17, (1,), generator=gen))
+            mine.append((ids, start, k, logp.gather(1, ids[start:, None])[:, 0], logp.max(1)))
+        work.append(mine)
+    barrier = threading.Barrier(CLIENTS)
+    failures: list[str] = []
+    batches_before = (
+        tiny_server.metrics.registry.get_sample_value(
+            "teacher_service_batch_size_count", {"teacher": "tiny"}
+        )
+        or 0.0
+    )
+
+    def client(index: int) -> None:
+        channel, stub_ = stub(tiny_server.address)
+        metadata = (("x-client-id", f"client-{index}"),)
+        with channel:
+            barrier.wait()
+            try:
+                if index % 2:  # half use Score, half one ScoreStream
+                    responses = [
+                        stub_.Score(make_request(ids, s, k, request_id=str(j)), metadata=metadata)
+                        for j, (ids, s, k, _, _) in enumerate(work[index])
+                    ]
+                else:
+                    requests = [
+                        make_request(ids, s, k, request_id=str(j))
+                        for j, (ids, s, k, _, _) in enumerate(work[index])
+                    ]
+                    stream = stub_.ScoreStream(iter(requests), metadata=metadata)
+                    responses = [r.result for r in stream]
+                assert len(responses) == PER_CLIENT
+                for response in responses:
+                    ids, start, k, token_lp, top1 = work[index][int(response.request_id)]
+                    got = decode_result(response)
+                    assert got.topk_ids.shape == (ids.shape[0] - start, k)
+                    torch.testing.assert_close(got.token_logprobs, token_lp, atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(
+                        got.topk_logprobs[:, 0], top1.values, atol=1e-5, rtol=1e-5
+                    )
+                    assert bool((got.topk_ids[:, 0] == top1.indices).all())
+            except Exception as exc:  # collected: assertion errors in threads are silent
+                failures.append(f"client {index}: {exc!r}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failures, failures[:3]
+    registry = tiny_server.metrics.registry
+    batches = (
+        registry.get_sample_value("teacher_service_batch_size_count", {"teacher": "tiny"}) or 0.0
+    ) - batches_before
+    # Cross-client batching happened: fewer backend batches than sequences.
+    assert 0 < batches < CLIENTS * PER_CLIENT
+
+
+@pytest.fixture(scope="module")
+def small_batch_server(tiny_model_dir: Path) -> Iterator[ThreadedServer]:
+    """Small batches, so that a backlog takes hundreds of backend calls to drain."""
+    server = start_thread_server(("tiny", tiny_model_dir), max_batch_tokens=256, max_batch_size=4)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_flooding_client_cannot_starve_a_single_sequence_client(
+    small_batch_server: ThreadedServer,
+) -> None:
+    server = small_batch_server
+    gen = torch.Generator().manual_seed(int(time.time()) + 1)
+    flood_n, length = 800, 128
+    flood = [
+        make_request(
+            torch.randint(0, TINY_VOCAB, (length,), generator=gen), 64, 4, request_id=str(i)
+        )
+        for i in range(flood_n)
+    ]
+    done = {"flood": 0}
+    flood_finished = threading.Event()
+
+    def flooder() -> None:
+        channel, client = stub(server.address)
+        with channel:
+            stream = client.ScoreStream(iter(flood), metadata=(("x-client-id", "flood"),))
+            for response in stream:
+                assert response.WhichOneof("outcome") == "result", response.error
+                done["flood"] += 1
+        flood_finished.set()
+
+    thread = threading.Thread(target=flooder)
+    flood_started = time.monotonic()
+    thread.start()
+    registry = server.metrics.registry
+    # Wait until the backlog is really queued.
+    deadline = time.monotonic() + 30
+    depth = {"teacher": "tiny"}
+    while (registry.get_sample_value("teacher_service_queue_depth", depth) or 0) < 200:
+        assert time.monotonic() < deadline, "flood never queued up"
+        time.sleep(0.005)
+
+    latencies, flood_done_when_solo_answered = [], []
+    channel, client = stub(server.address)
+    with channel:
+        for _ in range(5):
+            ids = torch.randint(0, TINY_VOCAB, (length,), generator=gen)
+            t0 = time.monotonic()
+            client.Score(make_request(ids, 64, 4), metadata=(("x-client-id", "solo"),))
+            latencies.append(time.monotonic() - t0)
+            flood_done_when_solo_answered.append(done["flood"])
+    thread.join(timeout=120)
+    assert flood_finished.is_set() and done["flood"] == flood_n
+    flood_s = time.monotonic() - flood_started
+    print(
+        f"solo latencies {[round(x * 1000, 1) for x in latencies]} ms; flood of "
+        f"{flood_n} took {flood_s:.2f}s; flood answered at solo answers: "
+        f"{flood_done_when_solo_answered}"
+    )
+    # Under FIFO the first solo answer would wait for the whole backlog. Fair queueing
+    # answers all five solo sequences while most of the flood is still queued, each
+    # within a small fraction of the time the flood takes.
+    assert flood_done_when_solo_answered[-1] < flood_n // 2
+    assert max(latencies) < 0.2 * flood_s
