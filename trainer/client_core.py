@@ -184,6 +184,7 @@ class AsyncTeacherClient:
             info = await self._fetch_info(endpoint.target)
             check(info, self._expect, self._info)
         except grpc.aio.AioRpcError as error:
+            self._balancer.mark_failed(endpoint.target)
             return AttemptFailure(error.code(), error.details() or "", connection_lost=True)
         except HandshakeError as error:
             log.error("excluding teacher endpoint %s: %s", endpoint.target, error)
