@@ -13,7 +13,9 @@ reads the student logits and the teacher log-probs once and writes the gradient 
 (N·V·(s_z + M·s_q + s_z)); top-K reads the logits once (N·V·s_z; the [N, K] traffic is
 negligible). "% copy" divides by the bandwidth of a measured device-to-device copy
 (2 × bytes / time of dst.copy_(src)). Peak memory is above the inputs: CUDA
-max_memory_allocated, CPU the process's peak RSS (VmHWM, reset before each method).
+max_memory_allocated, CPU the growth of the process's peak RSS (VmHWM, reset before each
+method); run with MALLOC_MMAP_THRESHOLD_=65536 on CPU so that freed tensors leave the RSS,
+otherwise memory reused from an earlier call is not seen.
 The Triton kernels are timed only on CUDA: the CPU interpreter is a correctness tool.
 """
 
@@ -145,6 +147,8 @@ def main() -> None:
     print(f"measured copy bandwidth: {bw:.1f} GB/s")
     if not gpu:  # CPU timings move with whatever else the machine is running
         print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+            print("note: peak memory undercounts without MALLOC_MMAP_THRESHOLD_=65536")
 
     full_bytes = n * v * 3 * sz  # read z, read log q, write grad
     topk_bytes = n * v * sz  # one read of z
@@ -197,8 +201,8 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for section, r in rows:
         print(
-            f"| {section} | {r.name} | {r.seconds * 1e3:.2f} | {r.gbytes:.1f} | "
-            f"{100 * r.gbytes / bw:.1f} | {r.peak_mib:.0f} |"
+            f"| {section} | {r.name} | {r.seconds * 1e3:.2f} | {r.gbytes:.2f} | "
+            f"{100 * r.gbytes / bw:.2f} | {r.peak_mib:.0f} |"
         )
     one_read = topk_bytes / (bw * 1e9)  # bw counts read + write bytes, a read is X bytes
     print(f"\none read of the student logits at copy speed: {one_read * 1e3:.2f} ms")
