@@ -125,6 +125,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once every accepted sequence was answered, False on timeout."""
+        if self._idle.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=max(0.0, timeout_s))
         except TimeoutError:
