@@ -109,8 +109,8 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
 
 def fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
-        z.grad = None
         loss_fn(z).sum().backward()
+        z.grad = None  # free it here, so each call's peak memory includes its gradient
 
     return run
 

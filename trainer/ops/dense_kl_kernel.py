@@ -33,8 +33,6 @@ import triton.language as tl
 
 # Largest chunk of the vocabulary one program holds in registers at a time.
 MAX_BLOCK_V = 8192
-# Running-max start value: finite so that the first rescale multiplies 0 by a finite number.
-_NEG_BIG = -1.0e30
 
 
 @triton.jit
@@ -51,7 +49,7 @@ def _row_lse_kernel(
     m = pid // N
     n = pid % N
     x_row = x_ptr + m * stride_xm + n * stride_xn
-    mx = _NEG_BIG
+    mx = -1.0e30  # finite start: the first rescale then multiplies 0 by a finite number
     s = 0.0
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
@@ -125,7 +123,7 @@ def _dense_kl_kernel(
 
     if rho != 0.0:
         # Pass 1: online max, S and A (see module docstring).
-        mx = _NEG_BIG
+        mx = -1.0e30  # finite start: the first rescale then multiplies 0 by a finite number
         s = 0.0
         a = 0.0
         for start in range(0, V, BLOCK_V):

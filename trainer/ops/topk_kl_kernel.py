@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from trainer.ops.dense_kl_kernel import (
-    _NEG_BIG,
     _block_v,
     _num_warps,
     default_teacher_weights,
@@ -83,7 +82,7 @@ def _topk_kl_kernel(
 
     if rho != 0.0:
         # Full-vocabulary logsumexp, online over V.
-        mx = _NEG_BIG
+        mx = -1.0e30  # finite, as in dense_kl_kernel.py (no non-constexpr globals in @jit)
         s = 0.0
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
