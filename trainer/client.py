@@ -101,6 +101,7 @@ class TeacherClient:
         """Starts scoring `spec` now and returns at once; the caller keeps working."""
         if self._closed:
             raise TeacherError("the teacher client is closed")
+        spec.validate()  # a malformed spec raises here, in the caller's thread
         return self._run(self._client.score_spec(spec))
 
     def score(

@@ -1,0 +1,114 @@
+"""The synchronous facade: `submit` returns at once, scoring overlaps the caller's own
+work with several sequences in flight on the server; plus the async core used directly."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from tests.trainer.client_fixtures import (  # noqa: F401
+    VOCAB,
+    model_dir,
+    random_specs,
+    server,
+)
+from trainer.client import AsyncTeacherClient, ClientConfig, TeacherClient, TeacherError
+
+
+class InFlightSampler:
+    """Polls the server's count of accepted, unanswered sequences; keeps the maximum."""
+
+    def __init__(self, srv: object) -> None:
+        self._srv = srv
+        self.max = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.max = max(self.max, self._srv.server.servicer.inflight)
+            time.sleep(0.0005)
+
+    def __enter__(self) -> InFlightSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _student_work(seconds: float) -> None:
+    """Stands in for sampling: busy CPU work on the caller's thread."""
+    end = time.monotonic() + seconds
+    a = torch.randn(64, 64)
+    while time.monotonic() < end:
+        a = torch.tanh(a @ a)
+
+
+def test_submit_overlaps_scoring_with_the_rollout_loop(
+    server: object,  # noqa: F811
+    gen: torch.Generator,
+) -> None:
+    groups, group_size = 6, 8  # G rollouts of a prompt finish together
+    specs = random_specs(gen, groups * group_size, max_len=48)
+    futures = []
+    done_while_sampling = 0
+    with TeacherClient(ClientConfig(endpoints=(server.address,))) as client:
+        client.connect(vocab_size=VOCAB)
+        with InFlightSampler(server) as sampler:
+            for g in range(groups):
+                _student_work(0.03)  # sample the next group
+                # Earlier groups scored while this one was being sampled?
+                done_while_sampling = sum(f.done() for f in futures)
+                for spec in specs[g * group_size : (g + 1) * group_size]:
+                    started = time.monotonic()
+                    futures.append(client.submit(spec))
+                    assert time.monotonic() - started < 0.05  # submit does not wait
+                    assert not futures[-1].done()
+            _student_work(0.03)  # e.g. the student's own forward
+            results = [f.result(timeout=60) for f in futures]
+    assert done_while_sampling >= 1, "no scoring happened while the caller worked"
+    assert sampler.max >= 2, "submissions never overlapped on the server"
+    assert [r.request_id for r in results] == [s.request_id for s in specs]
+
+
+def test_async_client_scores_with_a_given_request_id(
+    server: object,  # noqa: F811
+    gen: torch.Generator,
+) -> None:
+    spec = random_specs(gen, 1, top_k=5)[0]
+
+    async def run() -> object:
+        async with AsyncTeacherClient(ClientConfig(endpoints=(server.address,))) as client:
+            await client.connect(vocab_size=VOCAB)  # also works without: score connects
+            return await client.score(spec.token_ids, spec.start, 5, request_id="my-id")
+
+    scores = asyncio.run(run())
+    rows = spec.token_ids.shape[0] - spec.start
+    assert scores.request_id == "my-id"
+    assert scores.topk_ids.shape == (rows, 5) and scores.topk_ids.dtype == torch.int64
+    assert scores.token_logprobs.shape == (rows,)
+    assert scores.query_logprobs is None
+
+
+def test_closed_client_refuses_work(server: object, gen: torch.Generator) -> None:  # noqa: F811
+    client = TeacherClient(ClientConfig(endpoints=(server.address,)))
+    client.close()
+    client.close()  # idempotent
+    with pytest.raises(TeacherError, match="closed"):
+        client.submit(random_specs(gen, 1)[0])
+
+
+def test_malformed_spec_fails_before_the_network() -> None:
+    # Nothing listens on port 1: reaching the network would raise TeacherUnavailableError.
+    config = ClientConfig(endpoints=("127.0.0.1:1",), max_retries=0)
+    with (
+        TeacherClient(config) as client,
+        pytest.raises(ValueError, match=r"start: must be in \[1, L - 1\] = \[1, 9\], got 10"),
+    ):
+        client.score(torch.arange(10), 10, 4)
