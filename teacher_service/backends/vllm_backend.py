@@ -181,6 +181,10 @@ class VllmBackend:
         results.update(zip(followers, await self._all(items, followers), strict=True))
         return [results[i] for i in range(len(items))]
 
+    def unfinished_requests(self) -> int:
+        """Requests vLLM still holds (0 once every batch is answered or cancelled)."""
+        return 0 if self._engine is None else int(self._engine.get_num_unfinished_requests())
+
     async def close(self) -> None:
         engine, self._engine = self._engine, None
         if engine is not None:
