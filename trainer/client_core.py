@@ -64,6 +64,7 @@ _WIRE_DTYPES = {
     torch.bfloat16: pb.DTYPE_BFLOAT16,
 }
 Outcome = pb.ScoreStreamResponse | AttemptFailure
+INFO_TIMEOUT_S = 10.0
 
 
 class AsyncTeacherClient:
@@ -159,9 +160,9 @@ class AsyncTeacherClient:
 
     async def _fetch_info(self, target: str) -> TeacherInfo:
         stub = pb_grpc.TeacherServiceStub(self._channel(target))
-        response = await stub.Info(
-            pb.InfoRequest(), metadata=self._metadata, timeout=self.config.deadline_s
-        )
+        # Capped so that one black-holed replica cannot hold up connect for a whole deadline.
+        timeout = min(self.config.deadline_s, INFO_TIMEOUT_S)
+        response = await stub.Info(pb.InfoRequest(), metadata=self._metadata, timeout=timeout)
         return select_teacher(response, self.config.teacher, target)
 
     async def _ensure_connected(self) -> TeacherInfo:

@@ -38,8 +38,9 @@ def make_channel(target: str, config: ClientConfig) -> grpc.aio.Channel:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         # Reconnect about as fast as the client's own backoff, not gRPC's default (1 s
         # growing to 120 s): a replica that restarts should get traffic again quickly.
+        # (Not grpc.min_reconnect_backoff_ms: gRPC core uses it as the minimum *connect
+        # timeout*, and a small one would abort slow TLS handshakes.)
         ("grpc.initial_reconnect_backoff_ms", max(1, int(config.backoff_base_s * 1000))),
-        ("grpc.min_reconnect_backoff_ms", max(1, int(config.backoff_base_s * 1000))),
         ("grpc.max_reconnect_backoff_ms", max(1, int(config.backoff_max_s * 1000))),
     ]
     if config.keepalive_s is not None:
