@@ -35,9 +35,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1
 USER 10001:10001
 EXPOSE 9400
-# The trainer serves its Prometheus metrics on 9400 (--metrics-port); a process that
+# The trainer serves its Prometheus metrics on 9400 (--run.metrics-port); a process that
 # no longer answers there is wedged.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9400/metrics', timeout=4).status != 200)"]
 ENTRYPOINT ["hybrid-distill"]
-CMD ["train", "--config", "/etc/hybrid-distill/train.yaml", "--metrics-port", "9400"]
+CMD ["train", "--config", "/etc/hybrid-distill/train.yaml", "--run.metrics-port", "9400"]

@@ -2,8 +2,9 @@
 
 Teacher names come from instantiating `teacher_service.metrics.Metrics` and listing its
 registry (robust to how the file is written). Trainer names come from trainer/metrics.py
-when it exists: every class defined there that accepts a `registry` keyword is
-instantiated on a fresh registry and listed the same way.
+when it exists: its GAUGES table (unlabelled gauges) and every class defined there
+that accepts a `registry` keyword, instantiated on a fresh registry and listed the same
+way.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def trainer_metrics() -> Exported:
         out.notes.append("trainer/metrics.py does not exist yet: trainer_* names not checked")
         return out
     module = importlib.import_module("trainer.metrics")
+    # Today's layout: a GAUGES table {gauge name: (row key, help)} of unlabelled gauges.
+    for name in getattr(module, "GAUGES", {}):
+        out.labels[name] = set()
     for _, cls in inspect.getmembers(module, inspect.isclass):
         if cls.__module__ != module.__name__:
             continue
@@ -77,6 +81,7 @@ def trainer_metrics() -> Exported:
         _add_registry(out, registry, instance)
     if not out.labels:
         out.notes.append(
-            "trainer/metrics.py defines no class taking registry=: trainer_* names not checked"
+            "trainer/metrics.py has no GAUGES table nor a class taking registry=: "
+            "trainer_* names not checked"
         )
     return out

@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-OVERLAYS = ("production", "cpu-dev")
+OVERLAYS = ("production", "production-tls", "cpu-dev")
 MONITORING = DEPLOY / "monitoring"
 RULES_FILE = MONITORING / "rules" / "hybrid-distill.rules.yaml"
 RULE_TESTS_FILE = MONITORING / "rule-tests" / "hybrid-distill.test.yaml"
@@ -77,6 +77,11 @@ def render_overlay(overlay: str) -> str:
 def documents(text: str) -> list[dict[str, Any]]:
     """The non-empty YAML documents of a multi-document stream."""
     return [d for d in yaml.safe_load_all(text) if d]
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of command/args from the container's env."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], text)
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:

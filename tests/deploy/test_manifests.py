@@ -12,9 +12,6 @@ Both overlays are rendered with `kubectl kustomize`, then:
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
-import inspect
 import random
 import re
 import sys
@@ -172,7 +169,7 @@ def _expanded_args(docs) -> list[str]:
     for var in container.get("env", []):
         if "value" in var:
             env[var["name"]] = var["value"]
-    expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+    expanded = [ops.expand(a, env) for a in container["args"]]
     assert not any("$(" in a for a in expanded), expanded
     return expanded
 
@@ -200,10 +197,16 @@ def test_teacher_args_parse_with_the_server_cli(rendered):
         tls_cert=parsed.tls_cert,
         tls_key=parsed.tls_key,
     )
+    _, spec = _teacher(docs)
     ports = {p["name"]: p["containerPort"] for p in _teacher(docs)[1]["containers"][0]["ports"]}
     assert ports == {"grpc": config.grpc_port, "http-metrics": config.http_port}
-    assert parsed.auth_token_file is not None and config.tls_cert is not None
-    if name == "production":
+    mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+    assert mounts[str(parsed.auth_token_file.parent)] == "auth"
+    if name == "production-tls":
+        assert mounts[str(config.tls_cert.parent)] == mounts[str(config.tls_key.parent)] == "tls"
+    else:
+        assert config.tls_cert is None
+    if name.startswith("production"):
         assert (config.backend, config.device, config.dtype) == ("vllm", "cuda", "bfloat16")
     else:
         assert (config.backend, config.device) == ("torch", "cpu")
@@ -336,40 +339,96 @@ def test_hpa_scales_the_teacher_on_queue_depth(production):
     assert metric["pods"]["metric"]["name"] == ops.adapter_rule()["custom"][0]["name"]["as"]
 
 
+def _trainer_config(docs, tmp_path: Path, namespace: str, index: int, token: str):
+    """The trainer's TrainConfig from the Job's args, expanded as the kubelet would."""
+    from trainer.config import parse_args
+
+    job = ops.find(docs, "Job", "trainer")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env = {"POD_NAMESPACE": namespace, "WORKER_INDEX": str(index)}
+    env["HYBRID_DISTILL_AUTH_TOKEN"] = token
+    for var in container["env"]:
+        assert var["name"] in env, f"unexpected env {var['name']}"
+    source = ops.find(docs, "ConfigMap", "trainer-config")["data"]["train.yaml"]
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(source)
+    args = [ops.expand(a, env) for a in container["args"]]
+    assert args[0] == "train"
+    args[args.index("--config") + 1] = str(config_path)
+    config, _ = parse_args(args[1:])
+    return config, container
+
+
+def test_trainer_args_and_config_parse_with_the_trainer_cli(rendered, tmp_path):
+    """The Job's args + train.yaml through trainer.config: teacher, token, port, worker."""
+    _, docs = rendered
+    namespace = f"ns{random.randrange(1000)}"
+    index = random.randrange(16)
+    token = f"{random.getrandbits(128):032x}"
+    config, container = _trainer_config(docs, tmp_path, namespace, index, token)
+    [teacher] = config.teachers
+    assert teacher.endpoints == (f"dns:///teacher-grpc.{namespace}.svc:50051",)
+    assert teacher.token == token
+    assert config.run.metrics_port == 9400
+    assert {p["containerPort"] for p in container["ports"]} == {config.run.metrics_port}
+    assert config.run.out_dir.endswith(f"worker-{index}") and config.run.seed == index
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    for path in (config.student.model_dir, config.data.prompts, config.run.out_dir):
+        assert any(path.startswith(m + "/") for m in mounts), f"{path} is on no volume"
+
+
 def test_trainers_are_an_indexed_job_sharing_the_headless_teacher(rendered):
     _, docs = rendered
     job = ops.find(docs, "Job", "trainer")
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] >= 2
     container = job["spec"]["template"]["spec"]["containers"][0]
-    target = container["args"][container["args"].index("--teacher") + 1]
-    assert target == "dns:///teacher-grpc.$(POD_NAMESPACE).svc:50051"
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["HYBRID_DISTILL_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "teacher-auth"
+    index_ref = env["WORKER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert index_ref == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     grpc = ops.find(docs, "Service", "teacher-grpc")
-    assert grpc["spec"]["ports"][0]["port"] == 50051
+    assert grpc["spec"]["clusterIP"] == "None" and grpc["spec"]["ports"][0]["port"] == 50051
+
+
+def test_cpu_dev_init_containers_build_a_matching_teacher_and_student(cpu_dev, tmp_path):
+    """Run the dev overlay's init commands here: the student's tokenizer must pass the
+    teacher's handshake (same fingerprint), and the prompts must be readable."""
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from teacher_service.fingerprint import tokenizer_fingerprint
+
+    _, teacher_spec = _teacher(cpu_dev)
+    teacher_cmd = teacher_spec["initContainers"][0]["command"]
+    job_spec = ops.find(cpu_dev, "Job", "trainer")["spec"]["template"]["spec"]
+    trainer_cmd = job_spec["initContainers"][0]["command"]
+    models, checkpoints = tmp_path / "models", tmp_path / "checkpoints"
+    for cmd, old, new in (
+        (teacher_cmd, "/models", models),
+        (trainer_cmd, "/checkpoints", checkpoints),
+    ):
+        argv = [sys.executable if a == "python" else a.replace(old, str(new)) for a in cmd]
+        subprocess.run(argv, check=True, capture_output=True, timeout=300)
+    teacher_dir = models / Path(teacher_cmd[3]).relative_to("/models")
+    config, _ = _trainer_config(cpu_dev, tmp_path, "dev", 0, "t")
+    student_dir = checkpoints / Path(config.student.model_dir).relative_to("/checkpoints")
+    fingerprints = {
+        tokenizer_fingerprint(AutoTokenizer.from_pretrained(d)) for d in (teacher_dir, student_dir)
+    }
+    assert len(fingerprints) == 1
+    prompts = checkpoints / Path(config.data.prompts).relative_to("/checkpoints")
+    rows = [yaml.safe_load(line) for line in prompts.read_text().splitlines()]
+    assert rows and all(r["prompt"][0] == 1 and r["prompt"][-1] == 4 for r in rows)
 
 
 def test_secrets_are_referenced_never_committed(rendered):
-    _, docs = rendered
+    name, docs = rendered
     assert not [d for d in docs if d["kind"] == "Secret"]
     _, spec = _teacher(docs)
     secrets = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
-    assert secrets == {"teacher-tls", "teacher-auth"}
-
-
-def test_trainer_run_config_loads_with_the_trainer_schema():
-    """deploy/k8s/base/train.yaml must be what trainer/config.py accepts (once it exists)."""
-    if importlib.util.find_spec("trainer.config") is None:
-        pytest.skip("trainer/config.py does not exist yet: train.yaml not checked")
-    module = importlib.import_module("trainer.config")
-    loaders = [
-        getattr(module, n) for n in ("load_config", "load", "from_yaml") if hasattr(module, n)
-    ]
-    for _, cls in inspect.getmembers(module, inspect.isclass):
-        if cls.__module__ == module.__name__:
-            loaders += [getattr(cls, n) for n in ("from_yaml", "load") if hasattr(cls, n)]
-    if not loaders:
-        pytest.skip("trainer/config.py has no load_config/load/from_yaml: train.yaml not checked")
-    loaders[0](ops.K8S / "base" / "train.yaml")
+    assert secrets == (
+        {"teacher-auth", "teacher-tls"} if name.endswith("tls") else {"teacher-auth"}
+    )
