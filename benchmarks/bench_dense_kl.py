@@ -179,8 +179,10 @@ def main() -> None:
 
         if not gpu:
             raise ImportError("Liger-Kernel needs CUDA")
-        jsd = LigerJSD(beta=1.0)  # β = 1: KL(student ‖ teacher), on student log-probs
-        liger = lambda zz: jsd(zz.float().log_softmax(-1), t.float())
+        # β = 1 is KL(student ‖ teacher); Liger takes student log-probs (log_q) and teacher
+        # log-probs (log_p), so its time includes the student's log_softmax.
+        jsd = LigerJSD(beta=1.0)
+        liger = lambda zz: jsd(zz.log_softmax(-1), t)
         add(
             "full vocab",
             "Liger JSD beta=1",
