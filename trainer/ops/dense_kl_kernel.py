@@ -183,7 +183,7 @@ def _scale_rows_kernel(
     mask = offs < V
     go = tl.load(go_ptr + n)
     g = tl.load(g_ptr + n * stride_gn + offs, mask=mask, other=0.0).to(tl.float32)
-    # Multiply in fp32 and round once: a bf16 grad_output would lose 8 bits first.
+    # Multiply in fp32: casting grad_output to a bf16 gradient's dtype would round it too.
     tl.store(g_ptr + n * stride_gn + offs, (g * go).to(g_ptr.dtype.element_ty), mask=mask)
 
 
