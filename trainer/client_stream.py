@@ -163,6 +163,9 @@ class EndpointStream:
                     future.set_result(message)
         except grpc.aio.AioRpcError as error:
             failure = failure_from_rpc_error(error)
+        except Exception as error:  # never leave waiters hanging on a dead reader
+            log.exception("%s: ScoreStream reader failed", self.target)
+            failure = AttemptFailure(grpc.StatusCode.UNKNOWN, repr(error), 0.0, True)
         self._break(failure)
 
     def _break(self, failure: AttemptFailure) -> None:

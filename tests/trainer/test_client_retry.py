@@ -3,6 +3,7 @@ request error is raised at once, and a request stuck behind a backlog hits its d
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tests.trainer.client_fixtures import (  # noqa: F401
     thread_server,
 )
 from trainer.client import (
+    AsyncTeacherClient,
     ClientConfig,
     TeacherClient,
     TeacherDeadlineError,
@@ -100,7 +102,7 @@ def test_request_behind_a_backlog_hits_its_deadline(
     gen: torch.Generator,
 ) -> None:
     srv = thread_server(model_dir, max_batch_size=1)
-    backlog = random_specs(gen, 150, min_len=200, max_len=250)
+    backlog = random_specs(gen, 300, min_len=200, max_len=250)
     try:
         # Same client id: the late request queues behind the backlog (FIFO per client).
         busy = TeacherClient(ClientConfig(endpoints=(srv.address,), client_id="job"))
@@ -121,3 +123,41 @@ def test_request_behind_a_backlog_hits_its_deadline(
     finally:
         srv.stop()
     assert 0.2 <= elapsed < 2.0
+
+
+def test_abandoned_request_id_resubmitted_on_the_same_stream_is_not_sent_twice(
+    model_dir: Path,  # noqa: F811
+    gen: torch.Generator,
+) -> None:
+    srv = thread_server(model_dir, max_batch_size=1)
+    backlog = random_specs(gen, 200, min_len=200, max_len=250)
+    spec = random_specs(gen, 1)[0]
+
+    async def run() -> tuple[object, bool]:
+        async with AsyncTeacherClient(ClientConfig(endpoints=(srv.address,))) as client:
+            await client.connect()
+            tasks = [asyncio.ensure_future(client.score_spec(s)) for s in backlog]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            # Give up on the request while it is queued behind the backlog ...
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.score_spec(spec), 0.05)
+            # ... and ask again with the same id while the first copy is still in flight.
+            backlog_left = not all(t.done() for t in tasks)
+            scores = await client.score_spec(spec)
+            for task in tasks:
+                task.cancel()
+            return scores, backlog_left
+
+    try:
+        scores, backlog_left = asyncio.run(run())
+        duplicates = srv.metrics.registry.get_sample_value(
+            "teacher_service_requests_total",
+            {"method": "ScoreStream", "code": "INVALID_ARGUMENT"},
+        )
+    finally:
+        srv.stop()
+    assert backlog_left, "the first copy was answered before the retry: nothing shown"
+    assert not duplicates  # the server never saw the id twice in flight
+    assert scores.request_id == spec.request_id
+    reference = ReferenceModel(model_dir)
+    assert_matches_reference(scores, spec, reference.rows(spec))
