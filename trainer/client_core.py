@@ -36,8 +36,6 @@ from collections.abc import Sequence
 import grpc
 import torch
 
-from teacher_service.codec import decode_result, encode
-from teacher_service.errors import ServiceError
 from teacher_service.v1 import teacher_pb2 as pb
 from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
 from trainer.client_balance import Balancer, Endpoint
@@ -55,14 +53,10 @@ from trainer.client_handshake import Expectation, check, select_teacher
 from trainer.client_retry import FATAL_STREAM_CODES, backoff_delay, is_retryable
 from trainer.client_stream import EndpointStream, call_metadata, make_channel
 from trainer.client_types import ClientConfig, ScoreSpec, TeacherInfo, TeacherScores
+from trainer.client_wire import build_request, decode_scores
 
 log = logging.getLogger(__name__)
 
-_WIRE_DTYPES = {
-    torch.float32: pb.DTYPE_FLOAT32,
-    torch.float16: pb.DTYPE_FLOAT16,
-    torch.bfloat16: pb.DTYPE_BFLOAT16,
-}
 Outcome = pb.ScoreStreamResponse | AttemptFailure
 INFO_TIMEOUT_S = 10.0
 
@@ -231,7 +225,8 @@ class AsyncTeacherClient:
         try:
             async with asyncio.timeout(self.config.deadline_s):
                 info = await self._ensure_connected()
-                request = self._request(spec, request_id, info)
+                # The resolved name, not "": every replica must use the handshake's teacher.
+                request = build_request(spec, request_id, info.name)
                 return await self._score_with_retries(request, spec)
         except TimeoutError as error:
             if isinstance(error, TeacherError):
@@ -256,7 +251,7 @@ class AsyncTeacherClient:
                 self._balancer.release(endpoint)
             if isinstance(outcome, pb.ScoreStreamResponse):
                 self._balancer.mark_ok(endpoint.target)
-                return self._decode(outcome, spec, endpoint.target)
+                return decode_scores(outcome, spec, endpoint.target)
             history.append(f"{endpoint.target}: {outcome.describe()}")
             if self._closed:
                 raise TeacherError(f"request {request.request_id}: the client was closed")
@@ -307,53 +302,6 @@ class AsyncTeacherClient:
                 status_from_int(error.code), error.message, error.retry_after_ms / 1000.0
             )
         return response
-
-    def _request(self, spec: ScoreSpec, request_id: str, info: TeacherInfo) -> pb.ScoreRequest:
-        return pb.ScoreRequest(
-            request_id=request_id,
-            # The resolved name, not "": every replica must use the handshake's teacher.
-            teacher=info.name,
-            token_ids=encode(spec.token_ids, torch.int32),
-            start=spec.start,
-            top_k=spec.top_k,
-            query_ids=encode(spec.query_ids, torch.int32) if spec.query_ids is not None else None,
-            temperature=spec.temperature,
-            logprob_dtype=_WIRE_DTYPES[spec.logprob_dtype],
-        )
-
-    @staticmethod
-    def _decode(response: pb.ScoreStreamResponse, spec: ScoreSpec, target: str) -> TeacherScores:
-        """The response's arrays as tensors (one buffer copy each), shapes checked."""
-        try:
-            d = decode_result(response.result)
-        except ServiceError as error:
-            raise TeacherError(f"malformed response from {target}: {error.message}") from None
-        rows = int(spec.token_ids.shape[0]) - spec.start
-        want = {
-            "topk_ids": (d.topk_ids, 2),
-            "topk_logprobs": (d.topk_logprobs, 2),
-            "token_logprobs": (d.token_logprobs, 1),
-            "leftover_logmass": (d.leftover_logmass, 1),
-        }
-        if spec.query_ids is not None:
-            want["query_logprobs"] = (d.query_logprobs, 2)
-        for name, (tensor, ndim) in want.items():
-            if tensor is None or tensor.dim() != ndim or tensor.shape[0] != rows:
-                shape = None if tensor is None else list(tensor.shape)
-                raise TeacherError(
-                    f"malformed response from {target}: {name} has shape {shape}, "
-                    f"expected {rows} rows"
-                )
-        query = d.query_logprobs.float() if spec.query_ids is not None else None
-        return TeacherScores(
-            topk_ids=d.topk_ids.long(),
-            topk_logprobs=d.topk_logprobs.float(),
-            token_logprobs=d.token_logprobs.float(),
-            query_logprobs=query,
-            leftover_logmass=d.leftover_logmass.float(),
-            request_id=response.request_id,
-            endpoint=target,
-        )
 
     # -- connections ---------------------------------------------------------------------
 

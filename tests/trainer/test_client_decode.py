@@ -19,7 +19,7 @@ from tests.trainer.client_fixtures import (  # noqa: F401
     thread_server,
 )
 from trainer.client import ClientConfig, ScoreSpec, TeacherClient, TeacherError
-from trainer.client_core import AsyncTeacherClient
+from trainer.client_wire import decode_scores
 
 
 def _expect_equal(got: object, want: ScoreResult, dtype: torch.dtype) -> None:
@@ -82,7 +82,7 @@ def test_decode_of_encoded_arrays(gen: torch.Generator, dtype: torch.dtype, q: i
     )  # fmt: skip
     want = _random_result(gen, length - start, k, q)
     message = pb.ScoreStreamResponse(request_id="r1", result=encode_result("r1", "t", want, dtype))
-    got = AsyncTeacherClient._decode(pb.ScoreStreamResponse.FromString(
+    got = decode_scores(pb.ScoreStreamResponse.FromString(
         message.SerializeToString()), spec, "here")  # fmt: skip
     _expect_equal(got, want, dtype)
     assert got.request_id == "r1" and got.endpoint == "here"
@@ -94,10 +94,25 @@ def test_malformed_response_raises(gen: torch.Generator) -> None:
     message = pb.ScoreStreamResponse(
         request_id="r", result=encode_result("r", "t", wrong_rows, torch.float32)
     )
-    with pytest.raises(TeacherError, match=r"topk_ids has shape \[14, 4\], expected 15 rows"):
-        AsyncTeacherClient._decode(message, spec, "here")
+    with pytest.raises(
+        TeacherError, match=r"topk_ids has shape \[14, 4\], expected \[15, 4\] for R = 15 rows"
+    ):
+        decode_scores(message, spec, "here")
     truncated = pb.ScoreStreamResponse(request_id="r")
     truncated.result.CopyFrom(message.result)
     truncated.result.token_logprobs.data = truncated.result.token_logprobs.data[:-1]
     with pytest.raises(TeacherError, match=r"token_logprobs\.data"):
-        AsyncTeacherClient._decode(truncated, spec, "here")
+        decode_scores(truncated, spec, "here")
+    too_wide = _random_result(gen, 15, 5, None)  # K = 5 > top_k = 4
+    message = pb.ScoreStreamResponse(
+        request_id="r", result=encode_result("r", "t", too_wide, torch.float32)
+    )
+    with pytest.raises(TeacherError, match="top-K width 5, asked for 4"):
+        decode_scores(message, spec, "here")
+    with_query = ScoreSpec(spec.token_ids, 5, 5, torch.zeros(15, 3, dtype=torch.long))
+    wrong_q = _random_result(gen, 15, 5, 2)
+    message = pb.ScoreStreamResponse(
+        request_id="r", result=encode_result("r", "t", wrong_q, torch.float32)
+    )
+    with pytest.raises(TeacherError, match=r"query_logprobs has shape \[15, 2\]"):
+        decode_scores(message, with_query, "here")
