@@ -77,9 +77,12 @@ class VllmBackend:
         model_dir: local Hugging Face model directory (config, weights, tokenizer).
         max_top_k: the server's largest top-K; sets vLLM's max_logprobs.
         dtype: weight dtype, "auto" takes the checkpoint's.
-        tensor_parallel_size / gpu_memory_utilization / max_model_len: passed to vLLM
-            (on CPU, gpu_memory_utilization is the fraction of host memory vLLM
-            reserves unless kv_cache_memory_bytes or VLLM_CPU_KVCACHE_SPACE is set).
+        tensor_parallel_size / gpu_memory_utilization: passed to vLLM (on CPU,
+            gpu_memory_utilization is the fraction of host memory vLLM reserves unless
+            kv_cache_memory_bytes or VLLM_CPU_KVCACHE_SPACE is set).
+        max_model_len: longest sequence to score (meta.max_sequence_length); vLLM gets
+            one more position for the token it must generate. None: the model's
+            limit minus that one position.
         max_concurrent_batches: scheduler batches kept in flight, all inside vLLM.
         prefix_caching: read the prefix cache for scoring requests (see module doc).
         full_row_max_entries: bound on R * V for temperature != 1 / query-id items
@@ -148,7 +151,8 @@ class VllmBackend:
         tokenizer = await loop.run_in_executor(None, AutoTokenizer.from_pretrained, self._dir)
         config = self._engine.vllm_config
         vocab = int(config.model_config.get_vocab_size())
-        max_len = int(config.model_config.max_model_len)
+        # vLLM keeps one position for the generated token it insists on (max_tokens >= 1).
+        max_len = int(config.model_config.max_model_len) - 1
         self._token_id_api = bool(config.use_v2_model_runner)
         self._block_size = int(config.cache_config.block_size or 0)
         self._meta = TeacherMeta(
@@ -213,7 +217,8 @@ class VllmBackend:
             dtype=self._dtype,
             tensor_parallel_size=self._tp,
             gpu_memory_utilization=self._gpu_mem,
-            max_model_len=self._max_model_len,
+            # The bound on scored sequences, plus the generated token's slot.
+            max_model_len=None if self._max_model_len is None else self._max_model_len + 1,
             # Full rows ask for all V log-probs; otherwise the server's top-K bound.
             max_logprobs=max(self._max_top_k, vocab) if self._full_rows else self._max_top_k,
             enable_prefix_caching=self._prefix_caching,

@@ -45,7 +45,8 @@ from teacher_service.v1 import teacher_pb2 as pb
 from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
 
 VOCAB = 1000
-MAX_LEN = 512
+MAX_LEN = 512  # the model's positions
+MAX_SEQ = MAX_LEN - 1  # the bound both backends serve (vLLM needs a slot to generate into)
 MAX_TOP_K = 64
 TOL = 1e-4
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
@@ -110,11 +111,15 @@ def reference(model_dir: Path) -> torch.nn.Module:
 
 def new_backend(name: str, model_dir: Path) -> Backend:
     if name == "torch":
-        return TorchBackend(model_dir)
+        return TorchBackend(model_dir, max_sequence_length=MAX_SEQ)
     from teacher_service.backends.vllm_backend import VllmBackend
 
     return VllmBackend(
-        model_dir, max_top_k=MAX_TOP_K, dtype="float32", kv_cache_memory_bytes=256 << 20
+        model_dir,
+        max_top_k=MAX_TOP_K,
+        dtype="float32",
+        max_model_len=MAX_SEQ,
+        kv_cache_memory_bytes=256 << 20,
     )
 
 
@@ -339,6 +344,7 @@ def servers(model_dir: Path) -> Iterator[dict[str, ThreadedServer]]:
                     backend=name,
                     dtype="float32",
                     max_top_k=MAX_TOP_K,
+                    max_sequence_length=MAX_SEQ,
                     grace_seconds=0.0,
                 )
                 running[name] = serve_in_thread(config)
@@ -416,7 +422,7 @@ BAD_REQUESTS = {
         top_k=4,
     ),
     "too long": lambda ids: pb.ScoreRequest(
-        token_ids=encode(torch.zeros(MAX_LEN + 1, dtype=torch.int32)), start=2, top_k=4
+        token_ids=encode(torch.zeros(MAX_SEQ + 1, dtype=torch.int32)), start=2, top_k=4
     ),
     "temperature 0": lambda ids: pb.ScoreRequest(
         token_ids=encode(ids), start=2, top_k=4, temperature=0.0
