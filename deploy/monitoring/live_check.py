@@ -10,7 +10,9 @@ What it does, bounded in time, cleaning up every process it starts:
 3. drives traffic from two clients (Score and ScoreStream) through the generated stubs;
 4. asserts through Prometheus's HTTP query API that the series exist, that the scored
    token counter equals the rows the clients received, that the rates are positive, and
-   that both client ids appear in the per-client counter, with no alert firing;
+   that both client ids appear in the per-client counter, with no alert firing; runs
+   every dashboard query (the key panels must show data) and prometheus-adapter's
+   expanded query for the HPA;
 5. sends SIGTERM (the service must drain and exit 0) and waits for TeacherDown and
    TeacherUnavailable to fire.
 Exit status 0 and a final "live check passed" line on success; 1 with the reason otherwise.
@@ -56,6 +58,24 @@ from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
 log = logging.getLogger("live_check")
 
 JOB = "teacher-metrics"
+HERE = Path(__file__).resolve().parent
+DASHBOARD_FILE = HERE / "dashboards" / "hybrid-distill.json"
+ADAPTER_DOC = HERE / "prometheus-adapter.md"
+NAMESPACE = "live-check"  # the label a ServiceMonitor would attach
+# Dashboard panels that must show data once traffic has flowed (the error panels may
+# rightly stay empty, and GPU memory has no series on CPU).
+PANELS_WITH_DATA = (
+    "Ready replicas",
+    "Scored tokens/s",
+    "Throughput",
+    "Request latency quantiles",
+    "Queue depth",
+    "Queue wait and compute time",
+    "Batch size",
+    "Tokens per client",
+)
+
+
 VOCAB = 256
 # Short `for:` so the stop-the-service step sees the alerts fire within seconds.
 FOR_OVERRIDES = {"TeacherDown": "3s", "TeacherUnavailable": "3s"}
@@ -178,7 +198,7 @@ def write_prometheus_config(workdir: Path, http_port: int) -> Path:
                     {
                         "targets": [f"127.0.0.1:{http_port}"],
                         # What the Operator's ServiceMonitor would attach in a cluster.
-                        "labels": {"namespace": "live-check", "pod": "teacher-0"},
+                        "labels": {"namespace": NAMESPACE, "pod": "teacher-0"},
                     }
                 ],
             }
@@ -350,6 +370,40 @@ def check_series(prom: PromAPI, traffic: Traffic) -> None:
         raise CheckFailed(f"alerts firing on a healthy service: {sorted(firing)}")
 
 
+def grafana_to_promql(expr: str) -> str:
+    """A dashboard query with Grafana's variables filled in for this check."""
+    return expr.replace("$__rate_interval", "30s").replace("$namespace", NAMESPACE)
+
+
+def check_dashboard_queries(prom: PromAPI) -> None:
+    """Every dashboard query runs on the live data; the key panels are not empty."""
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    with_data: set[str] = set()
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            if prom.query(grafana_to_promql(target["expr"])):  # raises on a query error
+                with_data.add(panel["title"])
+    missing = sorted(set(PANELS_WITH_DATA) - with_data)
+    if missing:
+        raise CheckFailed(f"dashboard panels without data after traffic: {missing}")
+    log.info("dashboard: %d panels show data", len(with_data))
+
+
+def check_adapter_query(prom: PromAPI) -> None:
+    """prometheus-adapter's metricsQuery, expanded as for an HPA request, finds the pod."""
+    block = ADAPTER_DOC.read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+    rule = yaml.safe_load(block)["custom"][0]
+    expr = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", rule["name"]["as"])
+        .replace("<<.LabelMatchers>>", f'namespace="{NAMESPACE}",pod=~"teacher-0"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+    result = prom.query(expr)
+    if [r["metric"].get("pod") for r in result] != ["teacher-0"]:
+        raise CheckFailed(f"adapter query {expr!r} returned {result}")
+
+
 # --- main -------------------------------------------------------------------------------
 
 
@@ -385,6 +439,8 @@ def run_check(workdir: Path, prometheus: str, timeout_s: float, traffic_s: float
 
         traffic = drive_traffic(f"127.0.0.1:{grpc_port}", traffic_s, seed=random.randrange(2**31))
         check_series(prom, traffic)
+        check_dashboard_queries(prom)
+        check_adapter_query(prom)
 
         log.info("stopping the teacher with SIGTERM")
         teacher.send_signal(signal.SIGTERM)
