@@ -292,7 +292,7 @@ class AsyncTeacherClient:
             if failure is not None:
                 return failure
         try:
-            future = await self._stream(endpoint.target).send(request)
+            future = self._stream(endpoint.target).send(request)
             response = await asyncio.shield(future)  # a cancelled waiter leaves the entry
         except StreamBroken as broken:
             return broken.failure

@@ -1,10 +1,11 @@
 """One endpoint's connection: a gRPC channel and the ScoreStream that multiplexes on it.
 
 Many requests are in flight on one stream; responses come back in any order and are
-routed to their waiters by request_id. Writes are serialised (gRPC allows one pending
-write per call). When the stream ends - the server died, drained or refused us - every
-request still waiting on it gets `StreamBroken` with the cause, and the client retries
-them (on this endpoint's next stream or on another endpoint) with the same request ids.
+routed to their waiters by request_id. One writer task sends the requests in order
+(gRPC allows one pending write per call). When the stream ends - the server died,
+drained or refused us - every request still waiting on it gets `StreamBroken` with the
+cause, and the client retries them (on this endpoint's next stream or on another
+endpoint) with the same request ids.
 
 A waiter that gives up (cancelled, deadline) leaves its entry in place until the answer
 arrives: a retry of the same request id on the same stream then re-attaches to that
@@ -99,21 +100,29 @@ class EndpointStream:
         self.broken: AttemptFailure | None = None
         self._on_broken = on_broken
         self._pending: dict[str, asyncio.Future[pb.ScoreStreamResponse]] = {}
-        self._write_lock = asyncio.Lock()
+        # Requests go out through one writer task, never from a waiter: a waiter that is
+        # cancelled mid-write would leave it unknown whether the server got the request.
+        self._outbox: asyncio.Queue[pb.ScoreRequest | None] = asyncio.Queue()
         self._call = pb_grpc.TeacherServiceStub(channel).ScoreStream(metadata=tuple(metadata))
         self._closing = False
-        self._reader = asyncio.create_task(self._read_loop(), name=f"score-stream-{target}")
+        self._reader = asyncio.create_task(self._read_loop(), name=f"score-stream-read-{target}")
+        self._writer = asyncio.create_task(self._write_loop(), name=f"score-stream-write-{target}")
 
     @property
     def pending(self) -> int:
-        """Requests written and not yet answered (including abandoned ones)."""
+        """Requests sent or queued and not yet answered (including abandoned ones)."""
         return len(self._pending)
 
-    async def send(self, request: pb.ScoreRequest) -> asyncio.Future[pb.ScoreStreamResponse]:
-        """Writes `request` and returns the future of its response.
+    def waiting_for(self, request_id: str) -> bool:
+        """Whether `request_id` was sent (or queued) here and is not yet answered."""
+        return request_id in self._pending
+
+    def send(self, request: pb.ScoreRequest) -> asyncio.Future[pb.ScoreStreamResponse]:
+        """Queues `request` for writing and returns the future of its response.
 
         The future fails with StreamBroken if the stream ends first. Await it through
-        `asyncio.shield` so that a waiter's cancellation does not cancel the entry.
+        `asyncio.shield`: a waiter's cancellation must not cancel the entry, which stays
+        until the answer arrives (the request is written regardless).
         """
         if self.broken is not None:
             raise StreamBroken(self.broken)
@@ -122,28 +131,32 @@ class EndpointStream:
             return existing
         future: asyncio.Future[pb.ScoreStreamResponse] = asyncio.get_running_loop().create_future()
         self._pending[request.request_id] = future
-        try:
-            async with self._write_lock:
-                await self._call.write(request)
-        except grpc.aio.AioRpcError as error:
-            self._break(failure_from_rpc_error(error))
-        except (asyncio.InvalidStateError, grpc.aio.UsageError) as error:
-            # The call already finished; the reader holds (or will hold) the real status.
-            self._break(AttemptFailure(grpc.StatusCode.UNAVAILABLE, str(error), 0.0, True))
+        self._outbox.put_nowait(request)
         return future
 
     async def close(self) -> None:
         """Half-closes the stream, stops reading and fails whatever still waits."""
         self._closing = True
         if self.broken is None:
+            self._outbox.put_nowait(None)  # done_writing after what is queued
             with contextlib.suppress(Exception):
-                async with self._write_lock:
-                    await self._call.done_writing()
+                await asyncio.wait_for(asyncio.shield(self._writer), 1.0)
         self._call.cancel()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        for task in (self._reader, self._writer):
+            task.cancel()
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
         self._break(AttemptFailure(grpc.StatusCode.CANCELLED, "client closed", 0.0, True))
+
+    async def _write_loop(self) -> None:
+        try:
+            while (request := await self._outbox.get()) is not None:
+                await self._call.write(request)
+            await self._call.done_writing()
+        except grpc.aio.AioRpcError as error:
+            self._break(failure_from_rpc_error(error))
+        except (asyncio.InvalidStateError, grpc.aio.UsageError) as error:
+            # The call already finished; the reader holds (or will hold) the real status.
+            self._break(AttemptFailure(grpc.StatusCode.UNAVAILABLE, str(error), 0.0, True))
 
     async def _read_loop(self) -> None:
         try:
@@ -172,6 +185,8 @@ class EndpointStream:
         if self.broken is not None:
             return
         self.broken = failure
+        if asyncio.current_task() is not self._writer:
+            self._writer.cancel()  # it may be parked on an empty outbox
         waiting, self._pending = self._pending, {}
         for future in waiting.values():
             if not future.done():

@@ -37,6 +37,14 @@ def _rejected(srv: object, reason: str) -> float:
     return value or 0.0
 
 
+def _wait_for_backlog(srv: object, sequences: int, timeout_s: float = 60.0) -> None:
+    """Blocks until the server holds `sequences` accepted, unanswered sequences."""
+    deadline = time.monotonic() + timeout_s
+    while srv.server.servicer.inflight < sequences:
+        assert time.monotonic() < deadline, "the backlog never built up on the server"
+        time.sleep(0.002)
+
+
 def test_resource_exhausted_is_retried_until_every_sequence_is_scored(
     model_dir: Path,  # noqa: F811
     gen: torch.Generator,
@@ -107,14 +115,14 @@ def test_request_behind_a_backlog_hits_its_deadline(
         # Same client id: the late request queues behind the backlog (FIFO per client).
         busy = TeacherClient(ClientConfig(endpoints=(srv.address,), client_id="job"))
         late = TeacherClient(ClientConfig(endpoints=(srv.address,), client_id="job",
-                                          deadline_s=0.2))  # fmt: skip
+                                          deadline_s=0.05))  # fmt: skip
         with busy, late:
             busy.connect()
             late.connect()
             futures = [busy.submit(s) for s in backlog]
-            futures[0].result(timeout=60)  # the backlog is on the server
+            _wait_for_backlog(srv, 150)
             started = time.monotonic()
-            with pytest.raises(TeacherDeadlineError, match=r"within the deadline of 0\.2 s"):
+            with pytest.raises(TeacherDeadlineError, match=r"within the deadline of 0\.05 s"):
                 late.submit(random_specs(gen, 1)[0]).result(timeout=30)
             elapsed = time.monotonic() - started
             assert not all(f.done() for f in futures), "the backlog drained too fast"
@@ -122,7 +130,7 @@ def test_request_behind_a_backlog_hits_its_deadline(
                 f.cancel()
     finally:
         srv.stop()
-    assert 0.2 <= elapsed < 2.0
+    assert 0.05 <= elapsed < 2.0
 
 
 def test_abandoned_request_id_resubmitted_on_the_same_stream_is_not_sent_twice(
@@ -137,26 +145,27 @@ def test_abandoned_request_id_resubmitted_on_the_same_stream_is_not_sent_twice(
         async with AsyncTeacherClient(ClientConfig(endpoints=(srv.address,))) as client:
             await client.connect()
             tasks = [asyncio.ensure_future(client.score_spec(s)) for s in backlog]
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.to_thread(_wait_for_backlog, srv, 100)
             # Give up on the request while it is queued behind the backlog ...
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(client.score_spec(spec), 0.05)
             # ... and ask again with the same id while the first copy is still in flight.
-            backlog_left = not all(t.done() for t in tasks)
+            first_copy_in_flight = client._streams[srv.address].waiting_for(spec.request_id)
             scores = await client.score_spec(spec)
             for task in tasks:
                 task.cancel()
-            return scores, backlog_left
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return scores, first_copy_in_flight
 
     try:
-        scores, backlog_left = asyncio.run(run())
+        scores, first_copy_in_flight = asyncio.run(run())
         duplicates = srv.metrics.registry.get_sample_value(
             "teacher_service_requests_total",
             {"method": "ScoreStream", "code": "INVALID_ARGUMENT"},
         )
     finally:
         srv.stop()
-    assert backlog_left, "the first copy was answered before the retry: nothing shown"
+    assert first_copy_in_flight, "the first copy was answered before the retry: nothing shown"
     assert not duplicates  # the server never saw the id twice in flight
     assert scores.request_id == spec.request_id
     reference = ReferenceModel(model_dir)
