@@ -222,23 +222,26 @@ class AsyncTeacherClient:
             raise TeacherError("the teacher client is closed")
         spec.validate()
         request_id = spec.request_id or uuid.uuid4().hex
+        history: list[str] = []  # one line per failed attempt, for the error message
         try:
             async with asyncio.timeout(self.config.deadline_s):
                 info = await self._ensure_connected()
                 # The resolved name, not "": every replica must use the handshake's teacher.
                 request = build_request(spec, request_id, info.name)
-                return await self._score_with_retries(request, spec)
+                return await self._score_with_retries(request, spec, history)
         except TimeoutError as error:
             if isinstance(error, TeacherError):
                 raise
+            earlier = f"; earlier attempts: {'; '.join(history)}" if history else ""
             raise TeacherDeadlineError(
                 f"request {request_id}: no teacher result within the deadline of "
-                f"{self.config.deadline_s} s",
+                f"{self.config.deadline_s} s{earlier}",
                 grpc.StatusCode.DEADLINE_EXCEEDED,
             ) from None
 
-    async def _score_with_retries(self, request: pb.ScoreRequest, spec: ScoreSpec) -> TeacherScores:
-        history: list[str] = []
+    async def _score_with_retries(
+        self, request: pb.ScoreRequest, spec: ScoreSpec, history: list[str]
+    ) -> TeacherScores:
         avoid: str | None = None
         for retry in range(self.config.max_retries + 1):
             try:
