@@ -147,7 +147,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         started = time.perf_counter()
         code = "OK"
         try:
-            return await self._score(request, client_id(context), call_deadline(context))
+            return await self.score_one(request, client_id(context), call_deadline(context))
         except ServiceError as error:
             code = status_code(error).name
             trailing: tuple[tuple[str, str], ...] = ()
@@ -164,7 +164,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (see server log)")
             raise
         finally:
-            self._finish("Score", code, started)
+            self.record("Score", code, started)
 
     async def ScoreStream(
         self,
@@ -182,7 +182,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
     # -- shared by both scoring RPCs -----------------------------------------------------
 
-    async def _score(
+    async def score_one(
         self, request: pb.ScoreRequest, client: str, deadline: float | None
     ) -> pb.ScoreResponse:
         """Validates, queues and encodes one sequence; raises ServiceError on refusal."""
@@ -201,7 +201,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                 self._idle.set()
         return encode_result(valid.request_id, name, result, valid.logprob_dtype)
 
-    def _finish(self, method: str, code: str, started: float) -> None:
+    def record(self, method: str, code: str, started: float) -> None:
         self._metrics.requests.labels(method, code).inc()
         self._metrics.request_latency.labels(method).observe(time.perf_counter() - started)
 
@@ -257,7 +257,7 @@ class _Stream:
             if duplicate:
                 raise invalid(f"request_id: {request_id!r} is already in flight on this stream")
             self._ids_in_flight.add(request_id)
-            result = await self._servicer._score(request, self._client, self._deadline)
+            result = await self._servicer.score_one(request, self._client, self._deadline)
             response = pb.ScoreStreamResponse(request_id=request_id, result=result)
         except ServiceError as error:
             code = status_code(error).name
@@ -277,7 +277,7 @@ class _Stream:
         finally:
             if not duplicate:
                 self._ids_in_flight.discard(request_id)
-            self._servicer._finish("ScoreStream", code, started)
+            self._servicer.record("ScoreStream", code, started)
         self._out.put_nowait(response)
 
 
