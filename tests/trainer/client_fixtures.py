@@ -116,10 +116,11 @@ class ServerProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def kill(self) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Sends `sig` (SIGTERM drains first, SIGKILL does not) and waits for the exit."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
+            self.proc.send_signal(sig)
+        self.proc.wait(timeout=60)
 
     def close(self) -> None:
         self.kill()

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import signal
 import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.trainer.client_fixtures import (  # noqa: F401
     VOCAB,
@@ -24,15 +27,42 @@ from tests.trainer.client_fixtures import (  # noqa: F401
 from trainer.client import ClientConfig, TeacherClient, TeacherUnavailableError
 
 
+def _wait_until_gone_or_draining(proc: ServerProcess) -> None:
+    """Returns once the replica has exited or reports NOT_SERVING on grpc.health.v1."""
+    with grpc.insecure_channel(proc.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 60
+        while proc.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            except grpc.RpcError:
+                continue  # already gone, or going: poll() tells
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return
+            time.sleep(0.01)
+    assert proc.proc.poll() is not None, "the replica neither exited nor started draining"
+
+
+@pytest.mark.parametrize(
+    ("sig", "grace"),
+    [(signal.SIGKILL, "0"), (signal.SIGTERM, "30")],
+    ids=["sigkill", "sigterm-drain"],
+)
 def test_replica_killed_mid_run_loses_and_duplicates_nothing(
     model_dir: Path,  # noqa: F811
     gen: torch.Generator,
+    sig: int,
+    grace: str,
 ) -> None:
     # Small server batches keep each replica busy long enough to die with work in flight.
-    procs = [ServerProcess(model_dir, "--max-batch-size", "2") for _ in range(2)]
+    # SIGKILL: its stream breaks with requests in flight. SIGTERM: it finishes what it
+    # accepted, refuses new sequences with UNAVAILABLE, then exits cleanly.
+    args = ("--max-batch-size", "2", "--grace-seconds", grace)
+    procs = [ServerProcess(model_dir, *args) for _ in range(2)]
     try:
         victim, survivor = (p.wait_ready() for p in procs)
         specs = random_specs(gen, 300, min_len=8, max_len=96, top_k=8)
+        before, after = specs[:200], specs[200:]  # submitted before / after the signal
         delivered: collections.Counter[str] = collections.Counter()
         lock = threading.Lock()
 
@@ -40,6 +70,12 @@ def test_replica_killed_mid_run_loses_and_duplicates_nothing(
             if future.exception() is None:
                 with lock:
                     delivered[future.result().request_id] += 1
+
+        def submit(batch: list) -> list[concurrent.futures.Future]:
+            futures = [client.submit(spec) for spec in batch]
+            for future in futures:
+                future.add_done_callback(count)
+            return futures
 
         config = ClientConfig(
             endpoints=(victim.address, survivor.address),
@@ -49,11 +85,8 @@ def test_replica_killed_mid_run_loses_and_duplicates_nothing(
         )
         with TeacherClient(config) as client:
             client.connect(vocab_size=VOCAB)
-            futures = []
-            for spec in specs:
-                futures.append(client.submit(spec))
-                futures[-1].add_done_callback(count)
-            # Let the victim answer some, then kill it while it still holds requests.
+            futures = submit(before)
+            # Let the victim answer some, then signal it while it still holds requests.
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 done_by_victim = sum(
@@ -63,19 +96,31 @@ def test_replica_killed_mid_run_loses_and_duplicates_nothing(
                 if done_by_victim >= 10:
                     break
                 time.sleep(0.005)
-            in_flight_at_kill = client._client._balancer.endpoints[victim.address].in_flight
-            victim.kill()
+            in_flight_at_signal = client._client._balancer.endpoints[victim.address].in_flight
+            victim.proc.send_signal(sig)
+            _wait_until_gone_or_draining(victim)
+            open_at_drain = [not f.done() for f in futures]
+            futures += submit(after)  # a rollout loop that keeps going
             results = [f.result(timeout=120) for f in futures]
+            exit_code = victim.proc.wait(timeout=60)
     finally:
         for proc in procs:
             proc.close()
 
     assert done_by_victim >= 10
-    assert in_flight_at_kill > 0, "the replica died idle: the test proved nothing"
+    assert in_flight_at_signal > 0, "the replica went away idle: the test proved nothing"
     assert [r.request_id for r in results] == [s.request_id for s in specs]
     assert delivered == collections.Counter(s.request_id for s in specs)  # each exactly once
-    by_endpoint = collections.Counter(r.endpoint for r in results)
-    assert by_endpoint[survivor.address] > len(specs) // 2  # took over the victim's share
+    assert {r.endpoint for r in results[len(before) :]} == {survivor.address}
+    if sig == signal.SIGTERM:
+        assert exit_code == 0
+        drained = sum(
+            still_open and r.endpoint == victim.address
+            for still_open, r in zip(open_at_drain, results, strict=False)
+        )
+        assert drained >= 1, "the draining replica finished none of the work it held"
+    else:
+        assert exit_code == -signal.SIGKILL
     reference = ReferenceModel(model_dir)
     for result, spec in zip(results, specs, strict=True):
         assert_matches_reference(result, spec, reference.rows(spec))
@@ -109,18 +154,16 @@ def test_all_replicas_gone_raises_unavailable_naming_attempts(
     model_dir: Path,  # noqa: F811
     gen: torch.Generator,
 ) -> None:
-    proc = ServerProcess(model_dir).wait_ready()
-    try:
-        config = ClientConfig(
-            endpoints=(proc.address,), max_retries=2, backoff_base_s=0.01, backoff_max_s=0.05
-        )
-        with TeacherClient(config) as client:
-            client.connect(vocab_size=VOCAB)
-            proc.kill()
-            spec = random_specs(gen, 1)[0]
-            with pytest.raises(TeacherUnavailableError, match=r"no result after 3 attempts") as e:
-                client.submit(spec).result(timeout=30)
-    finally:
-        proc.close()
-    assert proc.address in str(e.value)
+    srv = thread_server(model_dir)
+    address = srv.address
+    config = ClientConfig(
+        endpoints=(address,), max_retries=2, backoff_base_s=0.01, backoff_max_s=0.05
+    )
+    with TeacherClient(config) as client:
+        client.connect(vocab_size=VOCAB)
+        srv.stop()  # the only replica is gone; its port refuses connections
+        spec = random_specs(gen, 1)[0]
+        with pytest.raises(TeacherUnavailableError, match=r"no result after 3 attempts") as e:
+            client.submit(spec).result(timeout=30)
+    assert address in str(e.value)
     assert spec.request_id in str(e.value)
