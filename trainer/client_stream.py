@@ -157,6 +157,9 @@ class EndpointStream:
         except (asyncio.InvalidStateError, grpc.aio.UsageError) as error:
             # The call already finished; the reader holds (or will hold) the real status.
             self._break(AttemptFailure(grpc.StatusCode.UNAVAILABLE, str(error), 0.0, True))
+        except Exception as error:  # never leave waiters hanging on a dead writer
+            log.exception("%s: ScoreStream writer failed", self.target)
+            self._break(AttemptFailure(grpc.StatusCode.UNKNOWN, repr(error), 0.0, True))
 
     async def _read_loop(self) -> None:
         try:
