@@ -129,3 +129,12 @@ def test_bad_flags_exit_naming_the_flag(
 def test_config_needs_a_model() -> None:
     with pytest.raises(ValueError, match="--model"):
         ServerConfig(models=())
+
+
+def test_console_command_dispatches_serve_to_the_server(capsys: pytest.CaptureFixture[str]) -> None:
+    cli = pytest.importorskip("hybrid_distill_cli", reason="the console entry module is absent")
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["serve", "--help"])
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    assert "hybrid-distill serve" in out and "--model [NAME=]DIR" in out
