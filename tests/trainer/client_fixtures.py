@@ -185,9 +185,28 @@ class ReferenceModel:
     @torch.inference_mode()
     def rows(self, spec: ScoreSpec) -> torch.Tensor:
         """float32 [R, V]: row r is log_softmax(logits at position start + r - 1 / T)."""
-        logits = self.model(input_ids=spec.token_ids.long()[None]).logits[0]
-        length = spec.token_ids.shape[0]
-        return torch.log_softmax(logits[spec.start - 1 : length - 1] / spec.temperature, -1)
+        return self.rows_many([spec])[0]
+
+    @torch.inference_mode()
+    def rows_many(self, specs: Sequence[ScoreSpec], chunk: int = 64) -> list[torch.Tensor]:
+        """`rows` for many specs, in right-padded batches (a forward per sequence costs
+        far more on a loaded CI machine than the maths; padding after the last token
+        does not change causal logits beyond float noise)."""
+        out: list[torch.Tensor] = []
+        for lo in range(0, len(specs), chunk):
+            group = specs[lo : lo + chunk]
+            width = max(int(s.token_ids.shape[0]) for s in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, spec in enumerate(group):
+                ids[b, : spec.token_ids.shape[0]] = spec.token_ids
+                mask[b, : spec.token_ids.shape[0]] = 1
+            logits = self.model(input_ids=ids, attention_mask=mask).logits  # [B, L, V]
+            for b, spec in enumerate(group):
+                end = int(spec.token_ids.shape[0]) - 1
+                scaled = logits[b, spec.start - 1 : end] / spec.temperature
+                out.append(torch.log_softmax(scaled.float(), -1))
+        return out
 
 
 def assert_matches_reference(scores: object, spec: ScoreSpec, rows: torch.Tensor) -> None:

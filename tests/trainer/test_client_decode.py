@@ -45,8 +45,8 @@ def test_client_tensors_equal_backend_arrays(
     dtype: torch.dtype,
 ) -> None:
     # Batches of one on the server, so its forward has exactly the reference's shapes.
-    specs = random_specs(gen, 6, top_k=7, logprob_dtype=dtype)
-    specs += random_specs(gen, 6, top_k=3, query=True, temperature=0.7, logprob_dtype=dtype)
+    specs = random_specs(gen, 4, top_k=7, logprob_dtype=dtype)
+    specs += random_specs(gen, 4, top_k=3, query=True, temperature=0.7, logprob_dtype=dtype)
     reference = backend_scores(model_dir, specs)
     server = thread_server(model_dir, max_batch_size=1)
     try:
