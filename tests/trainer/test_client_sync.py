@@ -77,20 +77,23 @@ def test_submit_overlaps_scoring_with_the_rollout_loop(
     assert [r.request_id for r in results] == [s.request_id for s in specs]
 
 
+@pytest.mark.parametrize("target", ["host:port", "dns:///localhost:port"])
 def test_async_client_scores_with_a_given_request_id(
     server: object,  # noqa: F811
     gen: torch.Generator,
+    target: str,
 ) -> None:
     spec = random_specs(gen, 1, top_k=5)[0]
+    endpoint = server.address if target == "host:port" else f"dns:///localhost:{server.grpc_port}"
 
     async def run() -> object:
-        async with AsyncTeacherClient(ClientConfig(endpoints=(server.address,))) as client:
+        async with AsyncTeacherClient(ClientConfig(endpoints=(endpoint,))) as client:
             await client.connect(vocab_size=VOCAB)  # also works without: score connects
             return await client.score(spec.token_ids, spec.start, 5, request_id="my-id")
 
     scores = asyncio.run(run())
     rows = spec.token_ids.shape[0] - spec.start
-    assert scores.request_id == "my-id"
+    assert scores.request_id == "my-id" and scores.endpoint == endpoint
     assert scores.topk_ids.shape == (rows, 5) and scores.topk_ids.dtype == torch.int64
     assert scores.token_logprobs.shape == (rows,)
     assert scores.query_logprobs is None
