@@ -131,11 +131,20 @@ class TeacherClient:
             return
         self._closed = True
         try:
-            self._run(self._client.close()).result()
+            self._run(self._shutdown()).result()
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()
+
+    async def _shutdown(self) -> None:
+        """Closes the client, then cancels what is left (e.g. requests sleeping in
+        backoff) so that no caller waits forever on a future of a stopped loop."""
+        await self._client.close()
+        leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in leftover:
+            task.cancel()
+        await asyncio.gather(*leftover, return_exceptions=True)
 
     def __enter__(self) -> TeacherClient:
         return self

@@ -244,6 +244,8 @@ class AsyncTeacherClient:
     ) -> TeacherScores:
         avoid: str | None = None
         for retry in range(self.config.max_retries + 1):
+            if self._closed:  # e.g. closed while this request slept in backoff
+                raise TeacherError(f"request {request.request_id}: the client was closed")
             try:
                 endpoint = await self._balancer.acquire(avoid)
             except LookupError as error:

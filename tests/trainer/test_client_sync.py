@@ -4,8 +4,10 @@ work with several sequences in flight on the server; plus the async core used di
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from tests.trainer.client_fixtures import (  # noqa: F401
     model_dir,
     random_specs,
     server,
+    thread_server,
 )
 from trainer.client import AsyncTeacherClient, ClientConfig, TeacherClient, TeacherError
 
@@ -115,3 +118,24 @@ def test_malformed_spec_fails_before_the_network() -> None:
         pytest.raises(ValueError, match=r"start: must be in \[1, L - 1\] = \[1, 9\], got 10"),
     ):
         client.score(torch.arange(10), 10, 4)
+
+
+def test_close_resolves_every_outstanding_future(
+    model_dir: Path,  # noqa: F811
+    gen: torch.Generator,
+) -> None:
+    srv = thread_server(model_dir)
+    config = ClientConfig(
+        endpoints=(srv.address,), max_retries=1000, backoff_base_s=0.5, backoff_max_s=0.5
+    )
+    client = TeacherClient(config)
+    client.connect()
+    srv.stop()  # every attempt now fails; requests sit in backoff
+    futures = [client.submit(spec) for spec in random_specs(gen, 20)]
+    time.sleep(0.3)
+    started = time.monotonic()
+    client.close()
+    done, not_done = concurrent.futures.wait(futures, timeout=10)
+    assert not not_done and time.monotonic() - started < 10
+    for future in done:
+        assert future.cancelled() or isinstance(future.exception(), TeacherError)
