@@ -67,6 +67,7 @@ class TrainResult:
     steps: int
     history: list[dict[str, float]]
     out_dir: Path
+    student: torch.nn.Module  # the trained causal LM (unwrapped from DDP)
 
 
 def load_prompts(path: str | Path) -> list[dict]:
@@ -353,7 +354,7 @@ def train(config: TrainConfig) -> TrainResult:
     if info.is_main and run.plots and runlog.path.exists():
         plot_metrics(runlog.path, out_dir)
     distributed.teardown(info)
-    return TrainResult(run.steps, history, out_dir)
+    return TrainResult(run.steps, history, out_dir, lm)
 
 
 def main(argv: list[str] | None = None) -> int:

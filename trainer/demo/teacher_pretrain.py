@@ -40,7 +40,7 @@ class TeacherRecipe:
     """Teacher size and its supervised training."""
 
     size: ModelSize = ModelSize(hidden=128, layers=2, heads=4)
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
