@@ -91,6 +91,7 @@ def assert_refused_while_draining(address: str, stream: OpenStream) -> None:
         client.Score(probe, timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     trailing = dict(caught.value.trailing_metadata() or ())
+    assert "draining" in caught.value.details(), caught.value.details()
     assert int(trailing["retry-after-ms"]) > 0
     stream.send(probe)
     refused = stream.answer_to("late")
@@ -120,7 +121,7 @@ def test_drain_refuses_new_work_and_finishes_accepted_work(tiny_model_dir: Path)
     server = start_thread_server(("tiny", tiny_model_dir), max_batch_tokens=256, max_batch_size=2)
     http = f"http://127.0.0.1:{server.http_port}"
     channel, client = stub(server.address)
-    n = 400
+    n = 150
     with channel:
         assert httpx.get(f"{http}/readyz").status_code == 200
         assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
@@ -163,9 +164,9 @@ def test_sigterm_drains_and_exits_zero(tiny_model_dir: Path) -> None:
         "--grace-seconds",
         "60",
         "--max-batch-tokens",
-        "256",
+        "128",
         "--max-batch-size",
-        "2",
+        "1",
         "--torch-threads",
         "1",
     ]
@@ -182,7 +183,7 @@ def test_sigterm_drains_and_exits_zero(tiny_model_dir: Path) -> None:
         address = f"127.0.0.1:{grpc_port}"
         assert httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200
         channel, client = stub(address)
-        n = 600  # seconds of work at two sequences per batch
+        n = 1000  # seconds of work at one sequence per batch
         with channel:
             stream = OpenStream(client, "trainer")
             backlog(stream, n, seed=int(time.time()))
