@@ -77,6 +77,7 @@ class AsyncTeacherClient:
         # Channels and streams belong to the loop they were made on: created lazily.
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._streams: dict[str, EndpointStream] = {}
+        self._winding_down: set[EndpointStream] = set()  # retired, not yet finished
         self._expect = Expectation()
         self._info: TeacherInfo | None = None
         self._connect_lock: asyncio.Lock | None = None
@@ -267,7 +268,12 @@ class AsyncTeacherClient:
                     outcome.code,
                 )
             if outcome.code == grpc.StatusCode.UNAVAILABLE and not outcome.connection_lost:
-                self._balancer.mark_failed(endpoint.target, outcome.retry_after_s)  # draining
+                # Draining: stay away for its hint, and let it shut down once our
+                # requests there are answered.
+                self._balancer.mark_failed(endpoint.target, outcome.retry_after_s)
+                stream = self._streams.get(endpoint.target)
+                if stream is not None:
+                    stream.retire()
             if retry == self.config.max_retries:
                 break
             avoid = endpoint.target
@@ -319,7 +325,13 @@ class AsyncTeacherClient:
     def _stream(self, target: str) -> EndpointStream:
         """The endpoint's live stream, opening a new one after the last one broke."""
         stream = self._streams.get(target)
-        if stream is None or stream.broken is not None:
+        if stream is None or stream.broken is not None or stream.retiring:
+            if stream is not None and not stream.finished:
+                # Still winding down (answers to come, or the server's EOF): keep a
+                # reference so its tasks are neither collected nor leaked at close.
+                old = stream
+                self._winding_down.add(old)
+                old.when_finished(lambda: self._winding_down.discard(old))
             stream = EndpointStream(
                 target,
                 self._channel(target),
@@ -343,7 +355,8 @@ class AsyncTeacherClient:
         if self._closed:
             return
         self._closed = True
-        streams, self._streams = list(self._streams.values()), {}
+        streams = [*self._streams.values(), *self._winding_down]
+        self._streams, self._winding_down = {}, set()
         for stream in streams:
             await stream.close()
         channels, self._channels = list(self._channels.values()), {}

@@ -105,6 +105,7 @@ class EndpointStream:
         self._outbox: asyncio.Queue[pb.ScoreRequest | None] = asyncio.Queue()
         self._call = pb_grpc.TeacherServiceStub(channel).ScoreStream(metadata=tuple(metadata))
         self._closing = False
+        self.retiring = False  # no new requests; half-closed once the last one is answered
         self._reader = asyncio.create_task(self._read_loop(), name=f"score-stream-read-{target}")
         self._writer = asyncio.create_task(self._write_loop(), name=f"score-stream-write-{target}")
 
@@ -133,6 +134,31 @@ class EndpointStream:
         self._pending[request.request_id] = future
         self._outbox.put_nowait(request)
         return future
+
+    def retire(self) -> None:
+        """Takes no new requests and half-closes once nothing waits here any more.
+
+        Used when the server says it is draining: it finishes what it accepted, and a
+        half-closed stream lets it shut down then instead of at the end of its grace
+        period. The client opens a fresh stream for this endpoint when it next needs one.
+        """
+        if not self.retiring and self.broken is None:
+            self.retiring = True
+            self._half_close_if_idle()
+
+    @property
+    def finished(self) -> bool:
+        """True once the stream's reader has ended (nothing of it runs any more)."""
+        return self._reader.done()
+
+    def when_finished(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` once the stream's reader has ended."""
+        self._reader.add_done_callback(lambda _task: callback())
+
+    def _half_close_if_idle(self) -> None:
+        if self.retiring and not self._pending and self.broken is None:
+            self._closing = True  # ending now is expected, not a failure to report
+            self._outbox.put_nowait(None)
 
     async def close(self) -> None:
         """Half-closes the stream, stops reading and fails whatever still waits."""
@@ -177,6 +203,7 @@ class EndpointStream:
                     )
                 elif not future.done():
                     future.set_result(message)
+                self._half_close_if_idle()
         except grpc.aio.AioRpcError as error:
             failure = failure_from_rpc_error(error)
         except Exception as error:  # never leave waiters hanging on a dead reader
