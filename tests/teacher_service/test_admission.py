@@ -125,3 +125,31 @@ def _deadline_case(server: ThreadedServer) -> None:
         # Dropped uncomputed by the scheduler (not only timed out at the client).
         assert time.monotonic() < deadline, "the expired sequence was not dropped"
         time.sleep(0.01)
+
+
+def test_cancelled_stream_leaves_the_queue(tiny_model_dir: Path) -> None:
+    server = start_thread_server(("tiny", tiny_model_dir), max_batch_tokens=2 * LENGTH)
+    registry = server.metrics.registry
+    depth = {"teacher": "tiny"}
+    cancelled = {"teacher": "tiny", "reason": "cancelled"}
+    try:
+        channel, client = stub(server.address)
+        with channel:
+            call = client.ScoreStream(
+                iter(_requests(400, 9)), metadata=(("x-client-id", "quitter"),)
+            )
+            give_up = time.monotonic() + 30
+            while (registry.get_sample_value("teacher_service_queue_depth", depth) or 0) < 300:
+                assert time.monotonic() < give_up, "the backlog never queued"
+                time.sleep(0.002)
+            scored_before = registry.get_sample_value("teacher_service_tokens_scored_total", depth)
+            call.cancel()
+            while (registry.get_sample_value("teacher_service_queue_depth", depth) or 0) > 0:
+                assert time.monotonic() < give_up, "cancelled sequences stayed queued"
+                time.sleep(0.002)
+        assert (registry.get_sample_value("teacher_service_rejected_total", cancelled) or 0) >= 250
+        # At most the batches already running finished after the cancel.
+        scored_after = registry.get_sample_value("teacher_service_tokens_scored_total", depth)
+        assert (scored_after or 0) - (scored_before or 0) <= 4 * 8
+    finally:
+        server.stop()
