@@ -16,9 +16,10 @@ For `groups` the script also scores through `VllmBackend` directly with prefix c
 read back on (the backend's default) and off (vLLM's behaviour for prompt-logprob
 requests) to measure what sharing the prompt's work saves. Each repeat uses fresh random
 sequences (a repeat of the same ones would be served from the prefix cache); the best
-repeat counts.
+repeat counts. Every engine (offline, server, two backends) stays up for the whole run
+and the measurements interleave, so background load on a shared machine hits all sides.
 
-    python benchmarks/bench_vllm.py                  # CPU defaults, ~5 minutes on 2 cores
+    python benchmarks/bench_vllm.py                  # CPU defaults, ~8 minutes on 2 cores
     python benchmarks/bench_vllm.py --vocab 32000 --hidden 1024 --layers 8 --heads 16 \
         --sequences 512 --length 1024 --start 512    # a GPU-sized run
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import re
@@ -51,7 +51,7 @@ from teacher_service.types import ScoreItem
 from teacher_service.v1 import teacher_pb2 as pb
 from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
 
-KV_CACHE_GIB = 2  # CPU only: vLLM's KV cache size in host memory
+KV_CACHE_GIB = 1  # CPU only: vLLM's KV cache size in host memory
 
 
 def on_cpu() -> bool:
@@ -60,7 +60,12 @@ def on_cpu() -> bool:
 
 def device_name() -> str:
     if on_cpu():
-        return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        model = platform.machine()
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.exists():
+            names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+            model = names[0].strip() if names else model
+        return f"CPU: {model}, {os.cpu_count()} cores"
     return f"GPU: {torch.cuda.get_device_name(0)}"
 
 
@@ -83,10 +88,15 @@ def engine_kwargs() -> dict[str, Any]:
     return {"kv_cache_memory_bytes": KV_CACHE_GIB << 30} if on_cpu() else {}
 
 
-# -- phases run in child processes (one vLLM engine per process) -------------------------
+# -- engines in child processes, one each, alive for the whole run ------------------------
+#
+# All engines stay up and the measurements interleave (offline, service, ... per repeat),
+# so that load from other processes on a shared machine hits every side alike. An idle
+# vLLM engine uses no CPU.
 
 
-def phase_offline(args: argparse.Namespace, work: list[list[torch.Tensor]]) -> list[float]:
+def offline_worker(args: argparse.Namespace) -> Any:
+    """Returns run(seqs) -> seconds for offline LLM.generate over all of seqs at once."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -103,53 +113,82 @@ def phase_offline(args: argparse.Namespace, work: list[list[torch.Tensor]]) -> l
         max_tokens=1, temperature=0.0, prompt_logprobs=args.top_k, flat_logprobs=True,
         detokenize=False,
     )  # fmt: skip
-    warm = [TokensPrompt(prompt_token_ids=[1, 2, 3, 4])]
-    llm.generate(warm, params, use_tqdm=False)
-    times = []
-    for seqs in work:
+    llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3, 4])], params, use_tqdm=False)
+
+    def run(seqs: list[torch.Tensor]) -> float:
         prompts = [TokensPrompt(prompt_token_ids=t.tolist()) for t in seqs]
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        times.append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         assert all(len(o.prompt_logprobs) == len(s) for o, s in zip(outs, seqs, strict=True))
-    return times
+        return seconds
+
+    return run
 
 
-def phase_backend(
-    args: argparse.Namespace, work: list[list[torch.Tensor]], prefix_caching: bool
-) -> list[float]:
+def backend_worker(args: argparse.Namespace, prefix_caching: bool) -> Any:
+    """Returns run(seqs) -> seconds for one VllmBackend.score over all of seqs."""
     from teacher_service.backends.vllm_backend import VllmBackend
 
-    async def run() -> list[float]:
-        backend = VllmBackend(
-            args.model_dir, max_top_k=args.top_k, dtype=args.dtype,
-            prefix_caching=prefix_caching, **engine_kwargs(),
-        )  # fmt: skip
-        await backend.start()
-        times = []
-        try:
-            for seqs in work:
-                items = [ScoreItem(t, args.start, args.top_k) for t in seqs]
-                t0 = time.perf_counter()
-                await backend.score(items)
-                times.append(time.perf_counter() - t0)
-        finally:
-            await backend.close()
-        return times
+    loop = asyncio.new_event_loop()
+    backend = VllmBackend(
+        args.model_dir, max_top_k=args.top_k, dtype=args.dtype,
+        prefix_caching=prefix_caching, **engine_kwargs(),
+    )  # fmt: skip
+    loop.run_until_complete(backend.start())
 
-    return asyncio.run(run())
+    def run(seqs: list[torch.Tensor]) -> float:
+        items = [ScoreItem(t, args.start, args.top_k) for t in seqs]
+        t0 = time.perf_counter()
+        loop.run_until_complete(backend.score(items))
+        return time.perf_counter() - t0
+
+    return run
 
 
-def run_phase(args: argparse.Namespace, phase: str, work_file: Path, extra: list[str]) -> Any:
-    """Runs `phase` in a child process of this script and returns its JSON answer."""
-    command = [sys.executable, __file__, "--phase", phase, "--work-file", str(work_file)]
-    command += ["--model-dir", str(args.model_dir), "--dtype", args.dtype]
-    command += ["--top-k", str(args.top_k), "--start", str(args.start), *extra]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    answer = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not answer:
-        raise RuntimeError(f"phase {phase} failed:\n{done.stderr[-4000:]}")
-    return json.loads(answer[-1][len("RESULT ") :])
+def serve_phase(args: argparse.Namespace) -> None:
+    """Child process: start the engine, then answer "KIND INDEX" lines with seconds."""
+    work = torch.load(args.work_file)
+    if args.phase == "offline":
+        run = offline_worker(args)
+    else:
+        run = backend_worker(args, prefix_caching=args.phase == "backend-cache")
+    print("READY", flush=True)
+    for line in sys.stdin:
+        kind, index = line.split()
+        print(f"TIME {run(work[kind][int(index)])}", flush=True)
+
+
+class Phase:
+    """A `serve_phase` child of this script."""
+
+    def __init__(self, args: argparse.Namespace, phase: str, work_file: Path) -> None:
+        command = [sys.executable, __file__, "--phase", phase, "--work-file", str(work_file)]
+        command += ["--model-dir", str(args.model_dir), "--dtype", args.dtype]
+        command += ["--top-k", str(args.top_k), "--start", str(args.start)]
+        self.name = phase
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._expect("READY")
+
+    def _expect(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        raise RuntimeError(f"phase {self.name} exited with {self.proc.wait()}")
+
+    def time(self, kind: str, index: int) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{kind} {index}\n")
+        self.proc.stdin.flush()
+        return float(self._expect("TIME "))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(120)
 
 
 # -- the service ---------------------------------------------------------------------------
@@ -221,21 +260,22 @@ async def stream_all(
             await channel.close()
 
 
-def service_times(args: argparse.Namespace, workloads: dict[str, list[list[torch.Tensor]]]) -> dict:
-    proc, port = start_server(args)
-    try:
+class Service:
+    """A `--backend vllm` server process and pipelined gRPC clients against it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.proc, self.port = start_server(args)
         warm = [torch.randint(0, args.vocab, (args.length,)) for _ in range(4)]
-        asyncio.run(stream_all(port, warm, args.start, args.top_k, 1))
-        return {
-            name: [
-                asyncio.run(stream_all(port, seqs, args.start, args.top_k, args.clients))
-                for seqs in work
-            ]
-            for name, work in workloads.items()
-        }
-    finally:
-        proc.terminate()
-        proc.wait(60)
+        asyncio.run(stream_all(self.port, warm, args.start, args.top_k, 1))
+
+    def time(self, seqs: list[torch.Tensor]) -> float:
+        a = self.args
+        return asyncio.run(stream_all(self.port, seqs, a.start, a.top_k, a.clients))
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -248,14 +288,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--sequences", type=int, default=128)
-    p.add_argument("--length", type=int, default=384)
-    p.add_argument("--start", type=int, default=256)
+    p.add_argument("--sequences", type=int, default=64)
+    p.add_argument("--length", type=int, default=756)
+    p.add_argument("--start", type=int, default=500)
     p.add_argument("--group", type=int, default=8, help="G responses per prompt (groups)")
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--phase", choices=["offline", "backend-cache", "backend-nocache"])
     p.add_argument("--work-file", type=Path, default=None)
     return p.parse_args()
@@ -264,12 +304,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.phase is not None:
-        work = torch.load(args.work_file)
-        if args.phase == "offline":
-            answer = {name: phase_offline(args, w) for name, w in work.items()}
-        else:
-            answer = phase_backend(args, work["groups"], args.phase == "backend-cache")
-        print("RESULT " + json.dumps(answer), flush=True)
+        serve_phase(args)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -278,16 +313,33 @@ def main() -> None:
                 Path(tmp) / "model", args.vocab, hidden=args.hidden, layers=args.layers,
                 heads=args.heads, max_positions=args.length + 1, seed=0, init_std=0.1,
             )  # fmt: skip
-        workloads = {
-            kind: [make_workload(args, kind, seed) for seed in range(args.repeats)]
-            for kind in ("independent", "groups")
-        }
+        kinds = ("independent", "groups")
+        # Repeat r of every side scores the same fresh sequences.
+        workloads = {k: [make_workload(args, k, r) for r in range(args.repeats)] for k in kinds}
         work_file = Path(tmp) / "work.pt"
         torch.save(workloads, work_file)
-        offline = run_phase(args, "offline", work_file, [])
-        service = service_times(args, workloads)
-        cached = run_phase(args, "backend-cache", work_file, [])
-        uncached = run_phase(args, "backend-nocache", work_file, [])
+        times: dict[str, list[float]] = {}
+        sides: list[Any] = []
+        try:
+            offline = Phase(args, "offline", work_file)
+            sides.append(offline)
+            service = Service(args)
+            sides.append(service)
+            cached = Phase(args, "backend-cache", work_file)
+            sides.append(cached)
+            uncached = Phase(args, "backend-nocache", work_file)
+            sides.append(uncached)
+            for r in range(args.repeats):
+                for kind in kinds:
+                    times.setdefault(f"offline {kind}", []).append(offline.time(kind, r))
+                    times.setdefault(f"service {kind}", []).append(service.time(workloads[kind][r]))
+                times.setdefault("cache off", []).append(uncached.time("groups", r))
+                times.setdefault("cache on", []).append(cached.time("groups", r))
+                print(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
+                      flush=True)  # fmt: skip
+        finally:
+            for side in sides:
+                side.close()
 
     rows = (args.length - args.start) * args.sequences
     print(f"\nDevice: {device_name()}; model V={args.vocab} hidden={args.hidden} "
@@ -297,9 +349,9 @@ def main() -> None:
     print("| workload | offline LLM rows/s | service rows/s | service / offline |")
     print("|---|---:|---:|---:|")
     for kind in ("independent", "groups"):
-        off, svc = rows / min(offline[kind]), rows / min(service[kind])
+        off, svc = rows / min(times[f"offline {kind}"]), rows / min(times[f"service {kind}"])
         print(f"| {kind} | {off:,.0f} | {svc:,.0f} | {svc / off:.2f}x |")
-    on, off = rows / min(cached), rows / min(uncached)
+    on, off = rows / min(times["cache on"]), rows / min(times["cache off"])
     print("\n| groups through VllmBackend | rows/s |")
     print("|---|---:|")
     print(f"| prefix cache off (vLLM default for prompt log-probs) | {off:,.0f} |")

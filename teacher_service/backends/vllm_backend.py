@@ -85,6 +85,9 @@ class VllmBackend:
             limit minus that one position.
         max_concurrent_batches: scheduler batches kept in flight, all inside vLLM.
         prefix_caching: read the prefix cache for scoring requests (see module doc).
+        group_leaders: send one item per shared prompt first, the others once it is
+            done, so they surely hit the cache (vLLM alone gives hits only to requests
+            scheduled in a later engine step than the first).
         full_row_max_entries: bound on R * V for temperature != 1 / query-id items
             scored through full rows; 0 disables full rows.
         engine_kwargs: any further vllm.AsyncEngineArgs field (enforce_eager,
@@ -102,6 +105,7 @@ class VllmBackend:
         max_model_len: int | None = None,
         max_concurrent_batches: int = 8,
         prefix_caching: bool = True,
+        group_leaders: bool = True,
         full_row_max_entries: int = DEFAULT_FULL_ROW_MAX_ENTRIES,
         **engine_kwargs: Any,
     ) -> None:
@@ -119,6 +123,7 @@ class VllmBackend:
         self._max_model_len = max_model_len
         self._concurrency = max_concurrent_batches
         self._prefix_caching = prefix_caching
+        self._group_leaders = group_leaders
         self._full_row_max = full_row_max_entries
         self._engine_kwargs = engine_kwargs
         self._engine: Any = None
@@ -166,11 +171,11 @@ class VllmBackend:
         )
         await self._warm_up()
         log.info(
-            "vllm backend ready: %s (V=%d, max_len=%d, token-id API=%s, full rows=%s)",
+            "vllm backend ready: %s (V=%d, max_len=%d, query ids: %s, full rows: %s)",
             self._dir,
             vocab,
             max_len,
-            self._token_id_api,
+            self.query_id_mode,
             self._full_rows,
         )
 
@@ -184,6 +189,14 @@ class VllmBackend:
         self.stats.group_followers += len(followers)
         results.update(zip(followers, await self._all(items, followers), strict=True))
         return [results[i] for i in range(len(items))]
+
+    @property
+    def query_id_mode(self) -> str:
+        """How query ids are scored: "token_ids" (vLLM's V2 model runner API),
+        "full_rows" (V1 runner, full vocabulary rows) or "refused" (see meta)."""
+        if self._token_id_api:
+            return "token_ids"
+        return "full_rows" if self.meta.supports_query_ids else "refused"
 
     def unfinished_requests(self) -> int:
         """Requests vLLM still holds (0 once every batch is answered or cancelled)."""
@@ -271,15 +284,15 @@ class VllmBackend:
         Only whole cache blocks before position start-1 can be read back, so two items
         share work when their first `blocks * block_size` tokens agree.
         """
-        if not self._prefix_caching or self._block_size <= 0 or len(items) < 2:
+        if not self._group_leaders or len(items) < 2:
             return list(range(len(items))), []
         seen: set[bytes] = set()
         leaders, followers = [], []
         for i, item in enumerate(items):
-            shared = (item.start - 1) // self._block_size * self._block_size
-            if shared == 0:
+            if not self._reads_cache(item):
                 leaders.append(i)
                 continue
+            shared = item.start // self._block_size * self._block_size
             key = item.token_ids[:shared].numpy().tobytes()
             (followers if key in seen else leaders).append(i)
             seen.add(key)
@@ -295,10 +308,21 @@ class VllmBackend:
                 if not task.done():
                     task.cancel()
 
+    def _reads_cache(self, item: ScoreItem) -> bool:
+        """Whether reading the prefix cache can help this item and never hides a row.
+
+        The cache hands back whole blocks. A prompt of a whole number of blocks
+        (start % block == 0) is cached through position start-1, whose row is needed:
+        reading would only force a rescore. A prompt shorter than one block shares nothing.
+        """
+        block = self._block_size
+        return self._prefix_caching and block > 0 and item.start > block and item.start % block != 0
+
     async def _score_one(self, item: ScoreItem) -> ScoreResult:
         kind = self._kind(item)
-        out = await self._generate(item, kind, read_cache=self._prefix_caching)
-        if self._prefix_caching and not self._complete(out, item, kind):
+        read_cache = self._reads_cache(item)
+        out = await self._generate(item, kind, read_cache=read_cache)
+        if read_cache and not self._complete(out, item, kind):
             # The cache covered a position we need: those rows were never computed.
             self.stats.cache_rescored += 1
             out = await self._generate(item, kind, read_cache=False)

@@ -398,6 +398,14 @@ def test_grpc_info_and_scores_agree(
             query_ids=torch.randint(0, VOCAB, (items[0].num_rows, 2)),
         )
     )
+
+    def scored(name: str) -> float:
+        sample = servers[name].metrics.registry.get_sample_value(
+            "teacher_service_tokens_scored_total", {"teacher": "contract"}
+        )
+        return sample or 0.0
+
+    before = {name: scored(name) for name in servers}
     for i, item in enumerate(items):
         for name, server in servers.items():
             scores = decode_result(call(server, "Score", request_for(item)))
@@ -409,6 +417,9 @@ def test_grpc_info_and_scores_agree(
                 scores.leftover_logmass,
             )
             check_result(result, item, ref_logp(reference, item), f"{name} seed {seed} {i}")
+    # The scheduler's metrics count vLLM's work like the torch backend's.
+    rows = sum(item.num_rows for item in items)
+    assert {name: scored(name) - before[name] for name in servers} == {"torch": rows, "vllm": rows}
 
 
 BAD_REQUESTS = {

@@ -111,6 +111,9 @@ def refused(loop: LoopThread, backend: Any, item: ScoreItem) -> ServiceError:
 @pytest.mark.skipif(not HAVE_VLLM, reason="vllm not importable")
 def test_info_announces_query_ids_unsupported_and_they_are_refused(engine: Any) -> None:
     backend, loop = engine
+    if backend.query_id_mode == "token_ids":
+        pytest.skip("vLLM's V2 model runner scores query ids natively (no full-row budget)")
+    assert backend.query_id_mode == "refused"
     meta = backend.meta
     assert meta.vocab_size * meta.max_sequence_length > FULL_ROW_ROWS * VOCAB
     assert meta.supports_query_ids is False
@@ -166,6 +169,26 @@ def test_group_rollouts_share_the_prompt_through_the_prefix_cache(
     assert stats.cache_rescored == rescored
     for i, (item, result) in enumerate(zip(items, results, strict=True)):
         check_result(result, item, ref_logp(reference, item), f"group member {i}")
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAVE_VLLM, reason="vllm not importable")
+def test_prompt_of_whole_blocks_does_not_read_the_cache(
+    engine: Any, reference: torch.nn.Module
+) -> None:
+    """start % block == 0: the cache would cover row start-1, so it is not read at all
+    (reading would compute every follower twice)."""
+    backend, loop = engine
+    prompt = torch.randint(0, VOCAB, (2 * BLOCK,))
+    items = [ScoreItem(torch.cat([prompt, torch.randint(0, VOCAB, (9,))]), 2 * BLOCK, 4)
+             for _ in range(3)]  # fmt: skip
+    stats = backend.stats
+    cached, rescored, requests = stats.cached_prompt_tokens, stats.cache_rescored, stats.requests
+    results = loop.run(backend.score(items))
+    assert (stats.cached_prompt_tokens, stats.cache_rescored) == (cached, rescored)
+    assert stats.requests == requests + len(items)
+    for i, (item, result) in enumerate(zip(items, results, strict=True)):
+        check_result(result, item, ref_logp(reference, item), f"whole-block member {i}")
 
 
 @pytest.mark.vllm
