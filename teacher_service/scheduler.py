@@ -101,6 +101,7 @@ class Scheduler:
         self._queues: dict[str, collections.deque[_Pending]] = {}
         self._ring: collections.deque[str] = collections.deque()  # clients with work
         self._deficit: dict[str, int] = collections.defaultdict(int)
+        self._in_turn: set[str] = set()  # clients whose round-robin turn is under way
         self._client_tokens: dict[str, int] = collections.defaultdict(int)
         self._queued_tokens = 0
         self._queue_depth = 0
@@ -260,55 +261,76 @@ class Scheduler:
             await asyncio.sleep(remaining)
 
     def _take_batch(self) -> list[_Pending]:
-        """Deficit round robin over clients until the token or size budget is spent."""
+        """Deficit round robin over clients until the token or size budget is spent.
+
+        A client's turn adds `quantum_tokens` to its credit and lasts until the credit no
+        longer covers its next sequence or its queue is empty (it then leaves the ring and
+        its credit lapses). When the batch fills up during a turn, the turn ends there
+        too, keeping the unspent credit, and the next batch begins with the next client;
+        but a client that got nothing into this batch (its sequence did not fit what was
+        left) stays first in line. So each batch starts with someone who has waited, and
+        a client is never skipped because the batch happened to be full at its turn.
+        """
         cfg = self._config
         batch: list[_Pending] = []
         tokens = 0
         now = time.monotonic()
-        stalled_rounds = 0
-        while self._ring and len(batch) < cfg.max_batch_size:
-            taken_this_round = 0
-            for _ in range(len(self._ring)):
-                client = self._ring[0]
-                queue = self._queues[client]
+        while self._ring:
+            client = self._ring[0]
+            queue = self._queues[client]
+            if client not in self._in_turn:
+                self._in_turn.add(client)
                 self._deficit[client] += cfg.quantum_tokens
-                while queue and len(batch) < cfg.max_batch_size:
-                    head = queue[0]
-                    if not head.queued:  # withdrawn (cancelled) earlier
-                        queue.popleft()
-                        continue
-                    fits = not batch or tokens + head.tokens <= cfg.max_batch_tokens
-                    if head.tokens > self._deficit[client] or not fits:
-                        break
+            batch_full = False
+            took = 0
+            while queue:
+                head = queue[0]
+                if not head.queued:  # withdrawn (cancelled) earlier
                     queue.popleft()
-                    if head.deadline is not None and head.deadline <= now:
-                        self._withdraw(head, reason="deadline")
-                        if not head.future.done():
-                            head.future.set_exception(
-                                deadline_exceeded("deadline passed while the request was queued")
-                            )
-                        continue
-                    self._deficit[client] -= head.tokens
-                    head.queued = False
-                    self._count(head, -1)
-                    batch.append(head)
-                    tokens += head.tokens
-                    taken_this_round += 1
-                self._ring.rotate(-1)
-                if not queue:
-                    self._ring.remove(client)
-                    self._deficit.pop(client, None)
-                    del self._queues[client]
-                if len(batch) >= cfg.max_batch_size:
+                    continue
+                if head.deadline is not None and head.deadline <= now:
+                    queue.popleft()
+                    self._expire(head)
+                    continue
+                if len(batch) >= cfg.max_batch_size or (
+                    batch and tokens + head.tokens > cfg.max_batch_tokens
+                ):
+                    batch_full = True
                     break
-            # An empty batch always ends up taking something (credit grows each round and
-            # the first sequence always fits). A started batch stops once it is full or
-            # two rounds in a row found only sequences that do not fit what is left.
-            stalled_rounds = 0 if taken_this_round else stalled_rounds + 1
-            if batch and (tokens >= cfg.max_batch_tokens or stalled_rounds >= 2):
+                if head.tokens > self._deficit[client]:
+                    break
+                queue.popleft()
+                self._deficit[client] -= head.tokens
+                head.queued = False
+                self._count(head, -1)
+                batch.append(head)
+                tokens += head.tokens
+                took += 1
+            if not queue:
+                self._ring.popleft()
+                self._in_turn.discard(client)
+                self._deficit.pop(client, None)
+                del self._queues[client]
+            elif batch_full:
+                if took:
+                    self._in_turn.discard(client)
+                    self._ring.rotate(-1)
                 break
+            else:  # credit spent: the turn ends, the next client's begins
+                self._in_turn.discard(client)
+                self._ring.rotate(-1)
+            # An empty batch always ends up taking something: credit grows every turn and
+            # the first sequence of a batch always fits.
         self._maybe_idle()
         return batch
+
+    def _expire(self, pending: _Pending) -> None:
+        """Fails a queued sequence whose deadline passed before its batch started."""
+        self._withdraw(pending, reason="deadline")
+        if not pending.future.done():
+            pending.future.set_exception(
+                deadline_exceeded("deadline passed while the request was queued")
+            )
 
     async def _compute(self, batch: list[_Pending]) -> None:
         """Runs one batch through the backend and delivers each result or error."""

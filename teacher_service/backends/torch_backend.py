@@ -34,22 +34,29 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 
 
-def directory_revision(path: Path) -> str:
-    """A short content hash of a model directory: config plus weight-file headers/sizes.
+def directory_revision(path: Path, samples_per_file: int = 64, block: int = 65536) -> str:
+    """A short content hash of a model directory: config, weight headers and sampled weights.
 
-    Hashing every weight byte of a 70B model would delay start-up by minutes; the config
-    and the safetensors headers (names, shapes, dtypes, offsets) plus file sizes change
-    whenever the checkpoint does in practice.
+    Hashing every weight byte of a 70B model would delay start-up by minutes. Instead
+    each safetensors file contributes its header (names, shapes, dtypes, offsets), its
+    size, and `samples_per_file` blocks spread evenly over its data, so two checkpoints
+    of one architecture with different weights get different revisions.
     """
     digest = hashlib.sha256()
     for file in sorted(path.iterdir()):
         if file.name == "config.json":
             digest.update(file.read_bytes())
         elif file.suffix == ".safetensors":
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
             with file.open("rb") as handle:
                 header_len = int.from_bytes(handle.read(8), "little")
                 digest.update(handle.read(min(header_len, 64 * 1024 * 1024)))
-            digest.update(str(file.stat().st_size).encode())
+                data_start = 8 + header_len
+                span = max(0, size - data_start - block)
+                for i in range(samples_per_file):
+                    handle.seek(data_start + span * i // max(1, samples_per_file - 1))
+                    digest.update(handle.read(block))
     return digest.hexdigest()[:16]
 
 

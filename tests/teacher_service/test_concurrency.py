@@ -99,12 +99,6 @@ def small_batch_server(tiny_model_dir: Path) -> Iterator[ThreadedServer]:
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler.py _take_batch: with two clients, the one visited second is always "
-    "visited after the batch is already full and rotated to the back, so every batch starts "
-    "with the flooding client again. Remove this marker with the scheduler fix.",
-)
 def test_flooding_client_cannot_starve_a_single_sequence_client(
     small_batch_server: ThreadedServer,
 ) -> None:
