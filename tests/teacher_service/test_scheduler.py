@@ -238,3 +238,4 @@ def test_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="max_batch_tokens"):
         SchedulerConfig(max_batch_tokens=0)
     with pytest.raises(ValueError, match="max_wait_s"):
+        SchedulerConfig(max_wait_s=-1)
