@@ -188,7 +188,7 @@ class TorchBackend:
             rows = []
             for item in items:
                 ids = item.token_ids[None].to(self._device)
-                logits = self._model(input_ids=ids).logits[0]
+                logits = self._model(input_ids=ids, use_cache=False).logits[0]
                 rows.append(logits[item.start - 1 : item.length - 1])
             return torch.cat(rows)
         lengths = [item.length for item in items]
@@ -197,8 +197,9 @@ class TorchBackend:
         for b, item in enumerate(items):
             ids[b, : item.length] = item.token_ids
             mask[b, : item.length] = 1
+        # use_cache=False: scoring is one forward; a KV cache would be built and thrown away.
         out = self._model.base_model(
-            input_ids=ids.to(self._device), attention_mask=mask.to(self._device)
+            input_ids=ids.to(self._device), attention_mask=mask.to(self._device), use_cache=False
         )
         states = out.last_hidden_state  # [B, L, H]
         return torch.cat(
