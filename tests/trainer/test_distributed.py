@@ -25,19 +25,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _config(root: Path):
+    """Two micro-batches per step, so DDP's no_sync accumulation path runs too."""
+    config = tiny_config(root, root / "ddp")
+    return dataclasses.replace(config, optim=dataclasses.replace(config.optim, accum_steps=2))
+
+
 def _worker(rank: int, root: str, port: int) -> None:
     # What torchrun sets for each process (trainer/distributed.py reads these).
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
-    config = tiny_config(Path(root), Path(root) / "ddp")
-    result = train(config)
+    result = train(_config(Path(root)))
     state = {k: v.detach().clone() for k, v in result.student.state_dict().items()}
     torch.save(state, Path(root) / f"params-rank{rank}.pt")  # the test's own record
 
 
 def test_two_process_gloo_run_keeps_ranks_in_sync(tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, tmp_path / "ddp")  # builds the models once, up front
+    config = _config(tmp_path)  # builds the models once, up front
     mp.spawn(_worker, args=(str(tmp_path), _free_port()), nprocs=WORLD, join=True)
 
     p0 = torch.load(tmp_path / "params-rank0.pt")
@@ -47,7 +52,7 @@ def test_two_process_gloo_run_keeps_ranks_in_sync(tmp_path: Path) -> None:
     # Ranks trained on different prompts, and rank 1's gradients reached the update: a
     # single process on rank 0's prompts alone ends somewhere else.
     n = len(Path(config.data.prompts).read_text().splitlines())
-    assert prompt_indices(n, 5, 0, 0, 1, 0, WORLD, 2) != prompt_indices(n, 5, 0, 0, 1, 1, WORLD, 2)
+    assert prompt_indices(n, 5, 0, 0, 2, 0, WORLD, 2) != prompt_indices(n, 5, 0, 0, 2, 1, WORLD, 2)
     solo_cfg = dataclasses.replace(
         config, run=dataclasses.replace(config.run, out_dir=str(tmp_path / "solo"))
     )

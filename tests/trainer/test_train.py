@@ -119,3 +119,32 @@ def test_loop_trains_against_the_service_and_reports(service, tmp_path: Path) ->
     assert values["trainer_step"] == 4
     assert values["trainer_reward_mean"] == pytest.approx(rows[-1]["reward"])
     assert values["trainer_kl_mean"] == pytest.approx(rows[-1]["kl"])
+
+
+@pytest.mark.parametrize("support", ["full", "union"])
+def test_two_half_weight_copies_of_a_teacher_equal_one_teacher(
+    tmp_path: Path, support: str
+) -> None:
+    """Σ_m w_m KL(π ‖ q_m) with q_1 = q_2 and w = (½, ½) is KL(π ‖ q): the multi-teacher
+    path (weights in the Dense kernel, the costs and the returns) must agree exactly."""
+    teacher, _ = tiny_models(tmp_path)
+    one = (TeacherSpec(name="a", model_dir=str(teacher)),)
+    two = tuple(TeacherSpec(name=n, weight=0.5, model_dir=str(teacher)) for n in "ab")
+    runs = []
+    for name, teachers in (("one", one), ("two", two)):
+        config = tiny_config(tmp_path, tmp_path / name, teachers=teachers, support=support)
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, steps=2))
+        runs.append(train(config).history)
+    for key in ("loss", "dense_kl", "kl", "kl_sampled", "objective", "grad_norm"):
+        for a, b in zip(runs[0], runs[1], strict=True):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loop_runs_on_cuda_with_bf16_autocast(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, tmp_path / "gpu")
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, device="cuda"))
+    rows = train(config).history
+    assert len(rows) == config.run.steps
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
