@@ -35,7 +35,7 @@ class RunConfig:
     out_dir: str = "runs/train"
     seed: int = 0
     steps: int = 100
-    log_every: int = 1  # JSONL/TensorBoard row every N steps
+    log_every: int = 1  # JSONL/TensorBoard/Prometheus every N steps (the bar: every step)
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     resume: bool = True  # continue from out_dir/checkpoint if it exists
     device: str = "auto"  # "auto" = cuda when available, else cpu

@@ -188,169 +188,180 @@ def train(config: TrainConfig) -> TrainResult:
     prompts = load_prompts(config.data.prompts)
     stop_meta = {"_stop_ids": tuple(config.rollout.stop_ids)}
 
-    opt_cfg = config.optim
-    optimizer = torch.optim.AdamW(
-        lm.parameters(), lr=opt_cfg.lr, betas=opt_cfg.betas, weight_decay=opt_cfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, cfg=opt_cfg, total=run.steps)
-    )
-    start_step = 0
-    if run.resume and has_checkpoint(out_dir):
-        start_step = load_checkpoint(out_dir, lm, optimizer, scheduler)
-        log.info("resumed from %s at step %s", out_dir, start_step)
-    model = distributed.wrap(ResponseLogits(lm), info)  # DDP after loading: rank 0 broadcasts
-
-    use_bf16 = config.student.bf16 and info.device.type == "cuda"
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if use_bf16
-        else contextlib.nullcontext
-    )
-    sampler = torch.Generator(device=info.device)
-    runlog = RunLog(
-        out_dir,
-        enabled=info.is_main,
-        total_steps=run.steps,
-        start_step=start_step,
-        tensorboard=run.tensorboard,
-        metrics_port=run.metrics_port,
-        progress=run.progress,
-    )
-    ro, dcfg, scfg = config.rollout, config.dense, config.sparse
-    accum = opt_cfg.accum_steps
-    history: list[dict[str, float]] = []
-
-    for step in range(start_step, run.steps):
-        t_step = time.perf_counter()
-        lam = scfg.lam(step)
-        waited = 0.0
-        sums: dict[str, float] = {}
-        optimizer.zero_grad(set_to_none=True)
-        for micro in range(accum):
-            # 1. Rollouts: G samples per prompt from the current student, top-K ids kept.
-            idx = prompt_indices(len(prompts), run.seed, step, micro, accum, info.rank,
-                                 info.world_size, ro.prompts_per_step)  # fmt: skip
-            sampler.manual_seed(hash((run.seed, step, micro, info.rank)) & (2**63 - 1))
-            lm.eval()  # no dropout while sampling; the same policy as the update below
-            with autocast():
-                rollouts = sample(
-                    lm,
-                    [prompts[i]["prompt"] for i in idx],
-                    [{**prompts[i], **stop_meta} for i in idx],
-                    group_size=ro.group_size,
-                    temperature=ro.temperature,
-                    max_new_tokens=ro.max_new_tokens,
-                    stop_ids=ro.stop_ids,
-                    keep_topk=min(dcfg.k, V),
-                    pad_id=pad_id,
-                    generator=sampler,
-                )
-            lm.train()
-            batch: Batch = rollouts.layout(pad_id)
-            B, T = batch.mask.shape
-
-            # 2. Teachers start scoring now; rewards and the student forward overlap them.
-            query = (
-                batch.student_topk if dcfg.query_student_ids and dcfg.support != "full" else None
-            )
-            pending = [t.submit(batch, dcfg.k, query, dcfg.support == "full") for t in teachers]
-            rewards = (
-                score_rewards(
-                    reward_fns, rollouts.prompt_ids, rollouts.response_ids, rollouts.metas
-                )
-                if reward_fns
-                else None
-            )  # [J, B]
-            sync = (
-                model.no_sync() if info.enabled and micro < accum - 1 else contextlib.nullcontext()
-            )
-            with sync:
-                with autocast():
-                    logits = model(batch.input_ids.to(info.device), batch.positions.to(info.device))
-                outputs = [p.result() for p in pending]  # the only wait on the teachers
-                waited += sum(p.waited_s for p in pending)
-
-                # 3. Dense term on the support, then the hybrid loss (Dense + Sparse).
-                mask = batch.mask.to(info.device)
-                logits2d = logits.reshape(B * T, V)
-                kl, mass, tail = dense_term(
-                    logits2d,
-                    mask.reshape(-1),
-                    outputs,
-                    t_weights,
-                    batch.student_topk.reshape(B * T, -1),
-                    dcfg,
-                )
-                lp = logits2d.float().gather(-1, batch.targets.reshape(-1, 1).to(info.device))
-                lp = (lp.squeeze(-1) - torch.logsumexp(logits2d.float(), -1)).reshape(B, T)
-                lq_tok = torch.stack([o.token_logprobs for o in outputs]).to(info.device)
-                loss, parts = hybrid_loss(
-                    lp,
-                    kl.reshape(B, T),
-                    lq_tok,
-                    mask,
-                    None if rewards is None else rewards.to(info.device),
-                    reward_weights=r_weights,
-                    teacher_weights=t_weights,
-                    gamma=scfg.gamma,
-                    lam=lam,
-                    kl_coef=dcfg.kl_coef,
-                    group_size=ro.group_size,
-                    baseline_kind=scfg.baseline,
-                    normalisation=scfg.normalisation,
-                )
-                (loss / accum).backward()
-
-            # Per-micro-batch numbers, averaged over micro-batches below.
-            with torch.no_grad():
-                n_tok = mask.sum().clamp_min(1.0)
-                c = (t_weights.sum() * lp - (t_weights.view(-1, 1, 1) * lq_tok).sum(0)) * mask
-                micro_vals = {k: float(v) for k, v in parts.items()}
-                micro_vals |= {
-                    "kl": float(kl.sum() / n_tok),
-                    "kl_sampled": float(c.sum() / n_tok),
-                    "student_mass": float((mass * mask.reshape(-1)).sum() / n_tok),
-                    "tail": float((tail * mask.reshape(-1)).sum() / n_tok),
-                    "response_len": float(n_tok) / B,
-                    "tokens": float(n_tok),
-                }
-                micro_vals["reward"] = micro_vals.pop("reward_mean")
-                if rewards is not None:
-                    for spec, row in zip(config.rewards, rewards, strict=True):
-                        micro_vals[f"reward/{spec.fn}"] = float(row.mean())
-            for k, v in micro_vals.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
-
-        # 4. Optimizer step.
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            lm.parameters(), opt_cfg.grad_clip if opt_cfg.grad_clip > 0 else float("inf")
+    try:
+        opt_cfg = config.optim
+        optimizer = torch.optim.AdamW(
+            lm.parameters(), lr=opt_cfg.lr, betas=opt_cfg.betas, weight_decay=opt_cfg.weight_decay
         )
-        optimizer.step()
-        scheduler.step()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_factor, cfg=opt_cfg, total=run.steps)
+        )
+        start_step = 0
+        if run.resume and has_checkpoint(out_dir):
+            start_step = load_checkpoint(out_dir, lm, optimizer, scheduler)
+            log.info("resumed from %s at step %s", out_dir, start_step)
+        model = distributed.wrap(ResponseLogits(lm), info)  # DDP after loading: rank 0 broadcasts
 
-        # 5. Metrics (averaged over ranks), progress, checkpoint.
-        step_s = time.perf_counter() - t_step
-        sums |= {
-            "lam": lam,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
-            "teacher_wait_frac": waited / step_s,
-            "step_time_s": step_s,
-        }
-        values = distributed.mean_across_ranks(sums, info)
-        values["tokens_per_s"] = values.pop("tokens") * accum * info.world_size / step_s
-        history.append(values)
-        runlog.log(step + 1, values)
-        runlog.progress(step + 1, values)
-        last = step + 1 == run.steps
-        if info.is_main and ((run.save_every and (step + 1) % run.save_every == 0) or last):
-            save_checkpoint(out_dir, lm, tokenizer, optimizer, scheduler, step + 1, to_dict(config))
-        distributed.barrier(info)
+        use_bf16 = config.student.bf16 and info.device.type == "cuda"
+        autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            if use_bf16
+            else contextlib.nullcontext
+        )
+        sampler = torch.Generator(device=info.device)
+        runlog = RunLog(
+            out_dir,
+            enabled=info.is_main,
+            total_steps=run.steps,
+            start_step=start_step,
+            tensorboard=run.tensorboard,
+            metrics_port=run.metrics_port,
+            progress=run.progress,
+        )
+        ro, dcfg, scfg = config.rollout, config.dense, config.sparse
+        accum = opt_cfg.accum_steps
+        history: list[dict[str, float]] = []
 
+        for step in range(start_step, run.steps):
+            t_step = time.perf_counter()
+            lam = scfg.lam(step)
+            waited = 0.0
+            sums: dict[str, float] = {}
+            optimizer.zero_grad(set_to_none=True)
+            for micro in range(accum):
+                # 1. Rollouts: G samples per prompt from the current student, top-K ids kept.
+                idx = prompt_indices(len(prompts), run.seed, step, micro, accum, info.rank,
+                                     info.world_size, ro.prompts_per_step)  # fmt: skip
+                sampler.manual_seed(hash((run.seed, step, micro, info.rank)) & (2**63 - 1))
+                lm.eval()  # dropout off while sampling (Llama-style students have none anyway)
+                with autocast():
+                    rollouts = sample(
+                        lm,
+                        [prompts[i]["prompt"] for i in idx],
+                        [{**prompts[i], **stop_meta} for i in idx],
+                        group_size=ro.group_size,
+                        temperature=ro.temperature,
+                        max_new_tokens=ro.max_new_tokens,
+                        stop_ids=ro.stop_ids,
+                        keep_topk=min(dcfg.k, V),
+                        pad_id=pad_id,
+                        generator=sampler,
+                    )
+                lm.train()
+                batch: Batch = rollouts.layout(pad_id)
+                B, T = batch.mask.shape
+
+                # 2. Teachers start scoring now; rewards and the student forward overlap them.
+                query = (
+                    batch.student_topk
+                    if dcfg.query_student_ids and dcfg.support != "full"
+                    else None
+                )
+                pending = [t.submit(batch, dcfg.k, query, dcfg.support == "full") for t in teachers]
+                rewards = (
+                    score_rewards(
+                        reward_fns, rollouts.prompt_ids, rollouts.response_ids, rollouts.metas
+                    )
+                    if reward_fns
+                    else None
+                )  # [J, B]
+                sync = (
+                    model.no_sync()
+                    if info.enabled and micro < accum - 1
+                    else contextlib.nullcontext()
+                )
+                with sync:
+                    with autocast():
+                        logits = model(
+                            batch.input_ids.to(info.device), batch.positions.to(info.device)
+                        )
+                    outputs = [p.result() for p in pending]  # the only wait on the teachers
+                    waited += sum(p.waited_s for p in pending)
+
+                    # 3. Dense term on the support, then the hybrid loss (Dense + Sparse).
+                    mask = batch.mask.to(info.device)
+                    logits2d = logits.reshape(B * T, V)
+                    kl, mass, tail = dense_term(
+                        logits2d,
+                        mask.reshape(-1),
+                        outputs,
+                        t_weights,
+                        batch.student_topk.reshape(B * T, -1),
+                        dcfg,
+                    )
+                    lp = logits2d.float().gather(-1, batch.targets.reshape(-1, 1).to(info.device))
+                    lp = (lp.squeeze(-1) - torch.logsumexp(logits2d.float(), -1)).reshape(B, T)
+                    lq_tok = torch.stack([o.token_logprobs for o in outputs]).to(info.device)
+                    loss, parts = hybrid_loss(
+                        lp,
+                        kl.reshape(B, T),
+                        lq_tok,
+                        mask,
+                        None if rewards is None else rewards.to(info.device),
+                        reward_weights=r_weights,
+                        teacher_weights=t_weights,
+                        gamma=scfg.gamma,
+                        lam=lam,
+                        kl_coef=dcfg.kl_coef,
+                        group_size=ro.group_size,
+                        baseline_kind=scfg.baseline,
+                        normalisation=scfg.normalisation,
+                    )
+                    (loss / accum).backward()
+
+                # Per-micro-batch numbers, averaged over micro-batches below.
+                with torch.no_grad():
+                    n_tok = mask.sum().clamp_min(1.0)
+                    c = (t_weights.sum() * lp - (t_weights.view(-1, 1, 1) * lq_tok).sum(0)) * mask
+                    micro_vals = {k: float(v) for k, v in parts.items()}
+                    micro_vals |= {
+                        "kl": float(kl.sum() / n_tok),
+                        "kl_sampled": float(c.sum() / n_tok),
+                        "student_mass": float((mass * mask.reshape(-1)).sum() / n_tok),
+                        "tail": float((tail * mask.reshape(-1)).sum() / n_tok),
+                        "response_len": float(n_tok) / B,
+                        "tokens": float(n_tok),
+                    }
+                    micro_vals["reward"] = micro_vals.pop("reward_mean")
+                    if rewards is not None:
+                        for spec, row in zip(config.rewards, rewards, strict=True):
+                            micro_vals[f"reward/{spec.fn}"] = float(row.mean())
+                for k, v in micro_vals.items():
+                    sums[k] = sums.get(k, 0.0) + v / accum
+
+            # 4. Optimizer step.
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                lm.parameters(), opt_cfg.grad_clip if opt_cfg.grad_clip > 0 else float("inf")
+            )
+            optimizer.step()
+            scheduler.step()
+
+            # 5. Metrics (averaged over ranks), progress, checkpoint.
+            step_s = time.perf_counter() - t_step
+            sums |= {
+                "lam": lam,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "teacher_wait_frac": waited / step_s,
+                "step_time_s": step_s,
+            }
+            values = distributed.mean_across_ranks(sums, info)
+            values["tokens_per_s"] = values.pop("tokens") * accum * info.world_size / step_s
+            history.append(values)
+            last = step + 1 == run.steps
+            if (step + 1) % max(run.log_every, 1) == 0 or last:
+                runlog.log(step + 1, values)
+            runlog.progress(step + 1, values)
+            if info.is_main and ((run.save_every and (step + 1) % run.save_every == 0) or last):
+                save_checkpoint(
+                    out_dir, lm, tokenizer, optimizer, scheduler, step + 1, to_dict(config)
+                )
+            distributed.barrier(info)
+
+    finally:  # teachers own threads and connections; close them on errors too
+        for t in teachers:
+            t.close()
     runlog.close()
-    for t in teachers:
-        t.close()
     if info.is_main and run.plots and runlog.path.exists():
         plot_metrics(runlog.path, out_dir)
     distributed.teardown(info)
