@@ -271,10 +271,19 @@ def _leaf_flags() -> dict[str, str]:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     """CLI -> (TrainConfig, the parsed non-config flags)."""
+    defaults = to_dict(TrainConfig())
+    listing = []
+    for dotted in sorted({v for v in _leaf_flags().values()}):
+        value: Any = defaults
+        for part in dotted.split("."):
+            value = value[part]
+        listing.append(f"  --{dotted} (default {value!r})")
     parser = argparse.ArgumentParser(
         prog="hybrid-distill train",
         description="Hybrid on-policy distillation + RL against a teacher service. Any config "
         "field is a flag: --section.field VALUE (YAML-parsed), e.g. --optim.lr 3e-4.",
+        epilog="config flags:\n" + "\n".join(listing),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, help="YAML config file")
     parser.add_argument(

@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the demo; returns 0 (the results are printed and written under --out)."""
     parser = argparse.ArgumentParser(prog="hybrid-distill demo", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the few-minute CI variant")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/hybrid-distill/demo")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="results, run, models")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/hybrid-distill/demo",
+                        help="where the pre-trained teacher is cached")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores − 1)")
     parser.add_argument("--in-process", action="store_true", help="no service: local teacher")
     args = parser.parse_args(argv)
