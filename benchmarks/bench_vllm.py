@@ -52,6 +52,7 @@ from teacher_service.v1 import teacher_pb2 as pb
 from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
 
 KV_CACHE_GIB = 1  # CPU only: vLLM's KV cache size in host memory
+GPU_MEMORY_FRACTION = 0.2  # GPU only: four engines share one device
 
 
 def on_cpu() -> bool:
@@ -85,7 +86,9 @@ def make_workload(args: argparse.Namespace, kind: str, seed: int) -> list[torch.
 
 
 def engine_kwargs() -> dict[str, Any]:
-    return {"kv_cache_memory_bytes": KV_CACHE_GIB << 30} if on_cpu() else {}
+    if on_cpu():
+        return {"kv_cache_memory_bytes": KV_CACHE_GIB << 30}
+    return {"gpu_memory_utilization": GPU_MEMORY_FRACTION}
 
 
 # -- engines in child processes, one each, alive for the whole run ------------------------
@@ -203,6 +206,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     env = dict(os.environ)
     if on_cpu():
         env["VLLM_CPU_KVCACHE_SPACE"] = str(KV_CACHE_GIB)
+    else:
+        command += ["--gpu-memory-utilization", str(GPU_MEMORY_FRACTION)]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     for line in proc.stderr:
