@@ -8,6 +8,12 @@ underscores); values are parsed as YAML, so `--rollout.stop-ids "[2]"` and
 is a shortcut that points every teacher at one service endpoint. Unknown keys in the
 file or on the command line are errors that name the key: a typo never silently keeps
 a default. `main()` builds the config once and passes it down (DESIGN § Style 6).
+
+This module is the trainer's one reader of the environment: `parse_args` takes the
+teacher service's bearer token from `HYBRID_DISTILL_AUTH_TOKEN` for service teachers
+that set neither `token` nor `token_file`, and `client_id_for` reads `HOSTNAME` for the
+default client id. Tokens never reach logs or run records: `repr` hides them and
+`to_dict` redacts them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
+import socket
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +34,10 @@ import yaml
 from trainer.schedules import LambdaSchedule
 
 Support = Literal["full", "student", "teacher", "union"]
+
+AUTH_TOKEN_ENV = "HYBRID_DISTILL_AUTH_TOKEN"  # the same variable the server reads
+DEFAULT_CLIENT_ID = "{host}-{pid}-rank{rank}"
+REDACTED = "<redacted>"
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,10 @@ class RunConfig:
     tensorboard: bool = False  # also write TensorBoard events (needs `tensorboard`)
     progress: bool = True  # tqdm progress bar on rank 0
     plots: bool = True  # PNG plots of reward and KL at the end
+    # x-client-id sent to the teacher service: its fair-queue key and the "client" label
+    # of teacher_service_client_tokens_total. "{host}", "{pid}" and "{rank}" are filled
+    # in (client_id_for); "" = DEFAULT_CLIENT_ID, unique per process and rank.
+    client_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,14 +92,29 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class TeacherSpec:
     """One teacher q_m with weight w_m. Exactly one of model_dir (in-process, full logits)
-    or endpoints (the teacher service, top-K) is set."""
+    or endpoints (the teacher service, top-K) is set.
+
+    Service teachers authenticate with a bearer token: `token`, or the content of
+    `token_file` (read when the trainer connects; never both), or else the
+    HYBRID_DISTILL_AUTH_TOKEN environment variable (filled in by `parse_args`). TLS is on
+    when `tls` or any of the TLS paths is set; `ca_cert` "" uses the system roots,
+    `client_cert` + `client_key` present a client certificate (mutual TLS), and
+    `server_name` verifies the server's certificate against that name instead of the
+    endpoint's host.
+    """
 
     name: str = "teacher"
     weight: float = 1.0
     model_dir: str = ""
     endpoints: tuple[str, ...] = ()
     teacher: str = ""  # hosted teacher name on the service; "" = its default
-    token: str = ""  # bearer token for the service; "" = none
+    token: str = field(default="", repr=False)  # bearer token; "" = token_file / env / none
+    token_file: str = ""  # file holding the bearer token (e.g. a mounted Secret)
+    tls: bool = False
+    ca_cert: str = ""  # PEM roots that sign the server's certificate
+    client_cert: str = ""  # PEM client certificate chain (mutual TLS)
+    client_key: str = ""  # PEM client private key (mutual TLS)
+    server_name: str = ""  # name the server's certificate must carry, if not the host
     deadline_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -92,6 +123,39 @@ class TeacherSpec:
                 f"teacher {self.name!r}: set exactly one of model_dir (in-process) "
                 "or endpoints (teacher service)"
             )
+        service_only = ("token", "token_file", "tls", "ca_cert", "client_cert", "client_key",
+                        "server_name")  # fmt: skip
+        if self.model_dir and any(getattr(self, f) for f in service_only):
+            raise ValueError(
+                f"teacher {self.name!r}: {', '.join(service_only)} apply to service teachers "
+                "(endpoints), not to an in-process model_dir"
+            )
+        if self.token and self.token_file:
+            raise ValueError(f"teacher {self.name!r}: set token or token_file, not both")
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError(
+                f"teacher {self.name!r}: client_cert and client_key must be given together"
+            )
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or any((self.ca_cert, self.client_cert, self.client_key, self.server_name))
+
+    def bearer_token(self) -> str | None:
+        """The token to send: `token`, else `token_file`'s content (surrounding whitespace
+        dropped), else None. Raises ValueError naming the teacher and the file when it
+        cannot be read or is empty."""
+        if self.token:
+            return self.token
+        if not self.token_file:
+            return None
+        try:
+            token = Path(self.token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"teacher {self.name!r}: token_file: {exc}") from exc
+        if not token:
+            raise ValueError(f"teacher {self.name!r}: token_file {self.token_file} is empty")
+        return token
 
 
 @dataclass(frozen=True)
@@ -208,6 +272,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected an integer, got {value!r}")
         return tp(value)
     if tp is str:
+        if isinstance(value, Mapping | list):  # e.g. an unquoted "{host}-x" read as YAML
+            raise ValueError(f"{where}: expected a string, got {value!r} (quote it)")
         return "" if value is None else str(value)
     raise TypeError(f"{where}: unsupported config type {tp!r}")
 
@@ -224,8 +290,39 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """Plain data (for the run's config.json and checkpoints)."""
-    return dataclasses.asdict(config)
+    """Plain data (for the run's config.json, checkpoints and logs); tokens redacted."""
+    data = dataclasses.asdict(config)
+    for teacher in data.get("teachers", ()):
+        if teacher.get("token"):
+            teacher["token"] = REDACTED
+    return data
+
+
+def with_env_token(config: TrainConfig, environ: Mapping[str, str]) -> TrainConfig:
+    """Gives HYBRID_DISTILL_AUTH_TOKEN (stripped) to every service teacher that has
+    neither `token` nor `token_file`; an explicit setting always wins."""
+    token = environ.get(AUTH_TOKEN_ENV, "").strip()
+    if not token:
+        return config
+    teachers = tuple(
+        dataclasses.replace(t, token=token) if t.endpoints and not (t.token or t.token_file) else t
+        for t in config.teachers
+    )
+    return dataclasses.replace(config, teachers=teachers)
+
+
+def client_id_for(run: RunConfig, rank: int, environ: Mapping[str, str] | None = None) -> str:
+    """The x-client-id of this process and rank: `run.client_id` (or DEFAULT_CLIENT_ID)
+    with "{host}" (HOSTNAME, else the system host name; in Kubernetes the pod's host
+    name, `<job>-<index>` for an Indexed Job), "{pid}" and "{rank}" filled in."""
+    env = os.environ if environ is None else environ
+    host = env.get("HOSTNAME") or socket.gethostname()
+    return (
+        (run.client_id or DEFAULT_CLIENT_ID)
+        .replace("{host}", host)
+        .replace("{pid}", str(os.getpid()))
+        .replace("{rank}", str(rank))
+    )
 
 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -269,8 +366,10 @@ def _leaf_flags() -> dict[str, str]:
     return flags
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
-    """CLI -> (TrainConfig, the parsed non-config flags)."""
+def parse_args(
+    argv: Sequence[str] | None, environ: Mapping[str, str] | None = None
+) -> tuple[TrainConfig, argparse.Namespace]:
+    """CLI + environment (os.environ unless given) -> (TrainConfig, the non-config flags)."""
     defaults = to_dict(TrainConfig())
     listing = []
     for dotted in sorted({v for v in _leaf_flags().values()}):
@@ -318,4 +417,4 @@ def parse_args(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namesp
                 for t in teachers
             ),
         )
-    return config, known
+    return with_env_token(config, os.environ if environ is None else environ), known

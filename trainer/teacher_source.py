@@ -10,7 +10,9 @@ waits (timed as the teacher-wait fraction).
   (Dense support "full") or exactly what the service would (top-K, token, query,
   leftover), so tests and the demo can swap one for the other.
 - `ServiceTeacher` (endpoints): one `TeacherClient` per teacher; one ScoreSpec per row,
-  with the student's top-K ids as query ids when asked.
+  with the student's top-K ids as query ids when asked. The spec's TLS options, bearer
+  token (token, token_file or the environment, see `TeacherSpec`) and the process's
+  client id go to the client; refused credentials fail at start with `TeacherAuthError`.
 
 The handshake is the same for both: a teacher whose vocabulary size or tokenizer
 fingerprint differs from the student's fails at start, saying what differs.
@@ -67,6 +69,10 @@ class Pending:
             return self._wait()
         finally:
             self.waited_s += time.perf_counter() - t0
+
+
+class TeacherAuthError(RuntimeError):
+    """The teacher service refused this trainer's credentials (UNAUTHENTICATED)."""
 
 
 def check_handshake(name: str, vocab: int, fp: str, student_vocab: int, student_fp: str) -> None:
@@ -132,15 +138,25 @@ class ServiceTeacher:
 
     def __init__(self, spec: TeacherSpec, client_id: str) -> None:
         from trainer.client import TeacherClient  # grpc only when a service is used
-        from trainer.client_types import ClientConfig
+        from trainer.client_types import ClientConfig, TlsOptions
 
         self.spec = spec
+        tls = None
+        if spec.uses_tls:
+            tls = TlsOptions(
+                ca_cert=Path(spec.ca_cert) if spec.ca_cert else None,
+                client_cert=Path(spec.client_cert) if spec.client_cert else None,
+                client_key=Path(spec.client_key) if spec.client_key else None,
+                server_name=spec.server_name or None,
+            )
+        self._token = spec.bearer_token()
         self._client = TeacherClient(
             ClientConfig(
                 endpoints=tuple(spec.endpoints),
                 teacher=spec.teacher,
                 client_id=client_id,
-                token=spec.token or None,
+                token=self._token,
+                tls=tls,
                 deadline_s=spec.deadline_s,
             )
         )
@@ -148,8 +164,31 @@ class ServiceTeacher:
         self.fingerprint = ""
 
     def connect(self, student_vocab: int, student_fp: str) -> None:
-        """Handshake: the client raises HandshakeError naming what differs."""
-        info = self._client.connect(vocab_size=student_vocab, tokenizer_fingerprint=student_fp)
+        """Handshake: the client raises HandshakeError naming what differs; refused
+        credentials raise TeacherAuthError saying which token was sent."""
+        import grpc
+
+        from trainer.client_errors import TeacherError
+
+        try:
+            info = self._client.connect(vocab_size=student_vocab, tokenizer_fingerprint=student_fp)
+        except TeacherError as exc:
+            if exc.code != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            spec = self.spec
+            if self._token is None:
+                sent = (
+                    "no bearer token was sent; set the teacher's token_file (or token), "
+                    "or the HYBRID_DISTILL_AUTH_TOKEN environment variable"
+                )
+            elif spec.token_file:
+                sent = f"the bearer token read from token_file {spec.token_file} was refused"
+            else:
+                sent = "the bearer token (token or HYBRID_DISTILL_AUTH_TOKEN) was refused"
+            raise TeacherAuthError(
+                f"teacher {spec.name!r} at {list(spec.endpoints)}: the service refused the "
+                f"credentials ({exc}): {sent}"
+            ) from exc
         self.vocab_size, self.fingerprint = info.vocab_size, info.tokenizer_fingerprint
 
     def submit(
@@ -208,14 +247,21 @@ def open_teachers(
     student_fp: str,
     client_id: str,
 ) -> list[LocalTeacher | ServiceTeacher]:
-    """Builds and handshakes every configured teacher."""
+    """Builds and handshakes every configured teacher; on a failure closes the ones
+    already opened before raising."""
     teachers: list[LocalTeacher | ServiceTeacher] = []
-    for spec in specs:
-        if spec.model_dir:
-            t: LocalTeacher | ServiceTeacher = LocalTeacher(spec, device)
-            check_handshake(spec.name, t.vocab_size, t.fingerprint, student_vocab, student_fp)
-        else:
-            t = ServiceTeacher(spec, client_id)
-            t.connect(student_vocab, student_fp)
-        teachers.append(t)
+    try:
+        for spec in specs:
+            if spec.model_dir:
+                t: LocalTeacher | ServiceTeacher = LocalTeacher(spec, device)
+                teachers.append(t)
+                check_handshake(spec.name, t.vocab_size, t.fingerprint, student_vocab, student_fp)
+            else:
+                t = ServiceTeacher(spec, client_id)
+                teachers.append(t)
+                t.connect(student_vocab, student_fp)
+    except BaseException:
+        for t in teachers:
+            t.close()
+        raise
     return teachers

@@ -31,7 +31,6 @@ One optimizer step, top to bottom:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -48,7 +47,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from teacher_service.fingerprint import tokenizer_fingerprint
 from trainer import distributed
 from trainer.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from trainer.config import DenseConfig, OptimConfig, TrainConfig, parse_args, to_dict
+from trainer.config import (
+    DenseConfig,
+    OptimConfig,
+    TrainConfig,
+    client_id_for,
+    parse_args,
+    to_dict,
+)
 from trainer.metrics import RunLog, plot_metrics
 from trainer.objective import hybrid_loss
 from trainer.ops import build_support, dense_kl, teacher_logprobs_on_support, topk_kl
@@ -169,12 +175,10 @@ def train(config: TrainConfig) -> TrainResult:
     lm = lm.to(info.device).train()
     V = int(lm.config.vocab_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    client_id = client_id_for(run, info.rank)  # the service's fairness key and metric label
+    log.info("teacher client id %s", client_id)
     teachers = open_teachers(
-        config.teachers,
-        info.device,
-        V,
-        tokenizer_fingerprint(tokenizer),
-        f"trainer-rank{info.rank}",
+        config.teachers, info.device, V, tokenizer_fingerprint(tokenizer), client_id
     )
     if not teachers:
         raise ValueError("no teachers configured (teachers: [...] or --teacher HOST:PORT)")
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     """`hybrid-distill train`: parse the config and flags, train, return an exit code."""
     config, _ = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log.info("config: %s", json.dumps(dataclasses.asdict(config)))
+    log.info("config: %s", json.dumps(to_dict(config)))  # tokens redacted
     train(config)
     return 0
 

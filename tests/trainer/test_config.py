@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from pathlib import Path
 
 import pytest
 
-from trainer.config import TrainConfig, load_config, parse_args
+from trainer.config import (
+    AUTH_TOKEN_ENV,
+    REDACTED,
+    TeacherSpec,
+    TrainConfig,
+    client_id_for,
+    load_config,
+    parse_args,
+    to_dict,
+)
 
 YAML = """
 run: {out_dir: runs/x, steps: %(steps)d}
@@ -98,3 +108,73 @@ def test_unknown_file_key_is_an_error(tmp_path: Path) -> None:
     path.write_text("optim: {learning_rate: 0.1}\n")
     with pytest.raises(ValueError, match=r"config.optim: unknown keys \['learning_rate'\]"):
         load_config(path)
+
+
+# --- deployment options: client id, token sources, TLS ---------------------------------
+
+
+def test_run_client_id_flag_and_placeholders(seed: int) -> None:
+    rng = random.Random(seed)
+    name = f"exp{rng.randrange(10**6)}"
+    config, _ = parse_args(["--teacher", "h:1", "--run.client-id", f"{name}-{{rank}}"], environ={})
+    rank = rng.randrange(64)
+    assert client_id_for(config.run, rank) == f"{name}-{rank}"
+    with pytest.raises(ValueError, match=r"config\.run\.client_id: expected a string"):
+        parse_args(["--run.client-id", "{host}"], environ={})  # YAML reads it as a mapping
+
+
+def test_env_token_fills_only_teachers_without_token_or_token_file(seed: int) -> None:
+    env_token = f"{random.Random(seed).getrandbits(64):016x}"
+    teachers = (
+        "[{name: a, endpoints: ['h:1']}, {name: b, endpoints: ['h:2'], token: mine},"
+        " {name: c, endpoints: ['h:3'], token_file: /run/t}, {name: d, model_dir: /m}]"
+    )
+    config, _ = parse_args(["--teachers", teachers], environ={AUTH_TOKEN_ENV: env_token + "\n"})
+    assert [t.token for t in config.teachers] == [env_token, "mine", "", ""]
+    assert [t.token_file for t in config.teachers] == ["", "", "/run/t", ""]
+    bare, _ = parse_args(["--teacher", "h:1"], environ={})
+    assert bare.teachers[0].bearer_token() is None
+
+
+def test_tokens_never_reach_repr_or_the_run_record(seed: int) -> None:
+    token = f"{random.Random(seed).getrandbits(128):032x}"
+    config = TrainConfig(teachers=(TeacherSpec(endpoints=("h:1",), token=token),))
+    assert token not in repr(config)
+    assert to_dict(config)["teachers"][0]["token"] == REDACTED
+    assert config.teachers[0].bearer_token() == token  # the config itself keeps it
+
+
+def test_token_file_is_read_stripped_and_bad_files_name_the_teacher(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("  s3cret\n")
+    assert (
+        TeacherSpec(name="x", endpoints=("h:1",), token_file=str(path)).bearer_token() == "s3cret"
+    )
+    path.write_text("\n")
+    with pytest.raises(ValueError, match=re.escape(f"teacher 'x': token_file {path} is empty")):
+        TeacherSpec(name="x", endpoints=("h:1",), token_file=str(path)).bearer_token()
+    with pytest.raises(ValueError, match=r"teacher 'x': token_file: .*No such file"):
+        TeacherSpec(name="x", endpoints=("h:1",), token_file=str(tmp_path / "no")).bearer_token()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"endpoints": ("h:1",), "token": "a", "token_file": "/t"}, "token or token_file"),
+        ({"endpoints": ("h:1",), "client_cert": "/c"}, "client_cert and client_key"),
+        ({"endpoints": ("h:1",), "client_key": "/k"}, "client_cert and client_key"),
+        ({"model_dir": "/m", "ca_cert": "/ca"}, "apply to service teachers"),
+        ({"model_dir": "/m", "token": "a"}, "apply to service teachers"),
+    ],
+)
+def test_bad_security_settings_fail_naming_the_teacher(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TeacherSpec(name="x", **fields)
+
+
+def test_tls_is_on_when_asked_or_when_any_tls_path_is_set() -> None:
+    assert not TeacherSpec(endpoints=("h:1",)).uses_tls
+    assert TeacherSpec(endpoints=("h:1",), tls=True).uses_tls
+    for f in ("ca_cert", "server_name"):
+        assert TeacherSpec(endpoints=("h:1",), **{f: "x"}).uses_tls
+    assert TeacherSpec(endpoints=("h:1",), client_cert="c", client_key="k").uses_tls
