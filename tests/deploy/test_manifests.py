@@ -12,6 +12,7 @@ Both overlays are rendered with `kubectl kustomize`, then:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import re
 import sys
@@ -339,8 +340,18 @@ def test_hpa_scales_the_teacher_on_queue_depth(production):
     assert metric["pods"]["metric"]["name"] == ops.adapter_rule()["custom"][0]["name"]["as"]
 
 
-def _trainer_config(docs, tmp_path: Path, namespace: str, index: int, token: str):
-    """The trainer's TrainConfig from the Job's args, expanded as the kubelet would."""
+def _volume_at(container: dict[str, Any], spec: dict[str, Any], path: str) -> dict[str, Any]:
+    """The pod volume whose mount holds `path` (fails the test when none does)."""
+    for mount in container["volumeMounts"]:
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            return next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    raise AssertionError(f"{path} is on no volume of {container['name']}")
+
+
+def _trainer_config(docs, tmp_path: Path, namespace: str, index: int):
+    """The trainer's TrainConfig from the Job's args, expanded as the kubelet would: the
+    downward-API vars from the given namespace and index, literal values as written, and
+    an empty process environment (nothing may come from a Secret-backed env var)."""
     trainer_config = pytest.importorskip(
         "trainer.config", reason="trainer/config.py is not in this checkout"
     )
@@ -348,35 +359,88 @@ def _trainer_config(docs, tmp_path: Path, namespace: str, index: int, token: str
     job = ops.find(docs, "Job", "trainer")
     container = job["spec"]["template"]["spec"]["containers"][0]
     env = {"POD_NAMESPACE": namespace, "WORKER_INDEX": str(index)}
-    env["HYBRID_DISTILL_AUTH_TOKEN"] = token
     for var in container["env"]:
-        assert var["name"] in env, f"unexpected env {var['name']}"
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            assert var["name"] in env, f"unexpected env {var['name']}"
     source = ops.find(docs, "ConfigMap", "trainer-config")["data"]["train.yaml"]
     config_path = tmp_path / "train.yaml"
     config_path.write_text(source)
     args = [ops.expand(a, env) for a in container["args"]]
     assert args[0] == "train"
     args[args.index("--config") + 1] = str(config_path)
-    config, _ = trainer_config.parse_args(args[1:])
+    config, _ = trainer_config.parse_args(args[1:], environ={})
     return config, container
 
 
 def test_trainer_args_and_config_parse_with_the_trainer_cli(rendered, tmp_path):
-    """The Job's args + train.yaml through trainer.config: teacher, token, port, worker."""
-    _, docs = rendered
+    """The Job's args + train.yaml through trainer.config: teacher, token file, TLS, port,
+    worker; the token file is the teacher-auth Secret's `token`, as the teacher's is."""
+    name, docs = rendered
     namespace = f"ns{random.randrange(1000)}"
     index = random.randrange(16)
-    token = f"{random.getrandbits(128):032x}"
-    config, container = _trainer_config(docs, tmp_path, namespace, index, token)
+    config, container = _trainer_config(docs, tmp_path, namespace, index)
+    spec = ops.find(docs, "Job", "trainer")["spec"]["template"]["spec"]
     [teacher] = config.teachers
     assert teacher.endpoints == (f"dns:///teacher-grpc.{namespace}.svc:50051",)
-    assert teacher.token == token
+    assert teacher.token == ""  # never a literal token: it is read from the mounted file
+    auth = _volume_at(container, spec, teacher.token_file)
+    assert auth["secret"]["secretName"] == "teacher-auth"
+    assert {i["key"]: i["path"] for i in auth["secret"]["items"]} == {
+        "token": Path(teacher.token_file).name
+    }
+    _, teacher_spec = _teacher(docs)
+    teacher_auth = next(v for v in teacher_spec["volumes"] if v["name"] == "auth")
+    assert teacher_auth["secret"] == auth["secret"]  # both sides read the same key
+    # The file's content is what the trainer sends (whitespace dropped, as the server does).
+    token = f"{random.getrandbits(128):032x}"
+    (tmp_path / "token").write_text(token + "\n")
+    local = dataclasses.replace(teacher, token_file=str(tmp_path / "token"))
+    assert local.bearer_token() == token
+    if name == "production-tls":
+        assert teacher.uses_tls and not teacher.server_name  # verified against the target
+        ca = _volume_at(container, spec, teacher.ca_cert)
+        assert ca["configMap"]["name"] == "teacher-ca"
+        assert {i["key"]: i["path"] for i in ca["configMap"]["items"]} == {
+            "ca.crt": Path(teacher.ca_cert).name
+        }
+    else:
+        assert not teacher.uses_tls
+    assert config.run.client_id == ""  # the per-process default: <host>-<pid>-rank<rank>
     assert config.run.metrics_port == 9400
     assert {p["containerPort"] for p in container["ports"]} == {config.run.metrics_port}
     assert config.run.out_dir.endswith(f"worker-{index}") and config.run.seed == index
-    mounts = {m["mountPath"] for m in container["volumeMounts"]}
     for path in (config.student.model_dir, config.data.prompts, config.run.out_dir):
-        assert any(path.startswith(m + "/") for m in mounts), f"{path} is on no volume"
+        _volume_at(container, spec, path)
+
+
+def test_trainer_secrets_never_reach_args_or_env(rendered):
+    """The token reaches trainers only as a file: no Secret-backed env var, no token in
+    the args (both are visible to anyone who can list processes or describe the pod)."""
+    _, docs = rendered
+    container = ops.find(docs, "Job", "trainer")["spec"]["template"]["spec"]["containers"][0]
+    assert not [v for v in container["env"] if "secretKeyRef" in v.get("valueFrom", {})]
+    assert not [s for s in container.get("envFrom", []) if "secretRef" in s]
+    assert not [a for a in container["args"] if re.search(r"\btoken\s*:", a)]
+
+
+def test_trainer_config_check_catches_a_token_on_the_command_line(rendered, tmp_path):
+    """Mutation: the old Secret-env-into-args wiring is refused by the checks above."""
+    _, docs = rendered
+    docs = copy.deepcopy(docs)
+    container = ops.find(docs, "Job", "trainer")["spec"]["template"]["spec"]["containers"][0]
+    container["env"].append(
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "teacher-auth", "key": "token"}}}
+    )
+    i = container["args"].index("--teachers") + 1
+    container["args"][i] = container["args"][i].replace(
+        "token_file: /etc/hybrid-distill/auth/token", "token: '$(TOKEN)'"
+    )
+    with pytest.raises(AssertionError):
+        test_trainer_secrets_never_reach_args_or_env((None, docs))
+    with pytest.raises(AssertionError, match="unexpected env TOKEN"):
+        _trainer_config(docs, tmp_path, "ns", 0)
 
 
 def test_trainers_are_an_indexed_job_sharing_the_headless_teacher(rendered):
@@ -387,11 +451,25 @@ def test_trainers_are_an_indexed_job_sharing_the_headless_teacher(rendered):
     container = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    assert env["HYBRID_DISTILL_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "teacher-auth"
     index_ref = env["WORKER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert index_ref == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     grpc = ops.find(docs, "Service", "teacher-grpc")
     assert grpc["spec"]["clusterIP"] == "None" and grpc["spec"]["ports"][0]["port"] == 50051
+
+
+def test_each_worker_gets_its_own_client_id(rendered, tmp_path):
+    """Indexed Job pods have the host name <job>-<index>; the default client id built
+    from it differs per worker, so the teacher's fair queue and the dashboard's tokens
+    per client see N clients, not one."""
+    trainer_config = pytest.importorskip("trainer.config")
+    _, docs = rendered
+    job = ops.find(docs, "Job", "trainer")
+    ids = set()
+    for index in range(job["spec"]["completions"]):
+        config, _ = _trainer_config(docs, tmp_path, "ns", index)
+        host = f"{job['metadata']['name']}-{index}"
+        ids.add(trainer_config.client_id_for(config.run, 0, {"HOSTNAME": host}))
+    assert len(ids) == job["spec"]["completions"], ids
 
 
 def test_cpu_dev_init_containers_build_a_matching_teacher_and_student(cpu_dev, tmp_path):
@@ -435,3 +513,12 @@ def test_secrets_are_referenced_never_committed(rendered):
     assert secrets == (
         {"teacher-auth", "teacher-tls"} if name.endswith("tls") else {"teacher-auth"}
     )
+    job_spec = ops.find(docs, "Job", "trainer")["spec"]["template"]["spec"]
+    # Trainers never mount the teacher's private key; the CA comes from a ConfigMap the
+    # operator creates (docs/deploy.md, "Secrets").
+    assert {v["secret"]["secretName"] for v in job_spec["volumes"] if "secret" in v} == {
+        "teacher-auth"
+    }
+    assert not [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "teacher-ca"
+    ]
