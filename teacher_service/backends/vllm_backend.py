@@ -25,7 +25,8 @@ no log-prob). We turn reading back on: only positions start-1 .. L-2 are needed,
 cache hit that ends at or before start-1 is harmless and saves the prompt's work, which
 is what G rollouts of one prompt share. A hit reaching past start-1 (two responses that
 agree on a whole cache block) is detected from `num_cached_tokens` and rescored without
-the cache. Within one batch, items that share a cacheable prompt prefix are sent leader
+the cache; a prompt of whole blocks would always reach start-1, so it never reads the
+cache. Within one batch, items that share a cacheable prompt prefix are sent leader
 first, followers once the leader is done, so the followers hit the cache.
 """
 

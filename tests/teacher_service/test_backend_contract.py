@@ -134,12 +134,32 @@ def backends(model_dir: Path, loop: LoopThread) -> Iterator[dict[str, Backend]]:
 
 @pytest.fixture
 def backend(
-    request: pytest.FixtureRequest, backends: dict[str, Backend], model_dir: Path, loop: LoopThread
+    request: pytest.FixtureRequest,
+    backends: dict[str, Backend],
+    model_dir: Path,
+    loop: LoopThread,
 ) -> Backend:
     name = request.param
+    return started_backend(name, backends, model_dir, loop)
+
+
+_start_errors: dict[str, BaseException] = {}
+
+
+def started_backend(
+    name: str, backends: dict[str, Backend], model_dir: Path, loop: LoopThread
+) -> Backend:
+    """The module's backend of this kind; a failed start fails every later test at once."""
+    if name in _start_errors:
+        pytest.fail(f"{name} backend failed to start: {_start_errors[name]!r}")
     if name not in backends:
         candidate = new_backend(name, model_dir)
-        loop.run(candidate.start())
+        try:
+            loop.run(candidate.start())
+        except BaseException as err:
+            _start_errors[name] = err
+            loop.run(candidate.close())
+            raise
         backends[name] = candidate
     return backends[name]
 
@@ -305,9 +325,7 @@ def test_meta_agrees_across_backends(
     backends: dict[str, Backend], model_dir: Path, loop: LoopThread
 ) -> None:
     for name in ("torch", "vllm"):
-        if name not in backends:
-            backends[name] = new_backend(name, model_dir)
-            loop.run(backends[name].start())
+        started_backend(name, backends, model_dir, loop)
     torch_meta, vllm_meta = backends["torch"].meta, backends["vllm"].meta
     assert (vllm_meta.backend, torch_meta.backend) == ("vllm", "torch")
     for field in (
