@@ -205,8 +205,11 @@ def test_teacher_args_parse_with_the_server_cli(rendered):
     assert mounts[str(parsed.auth_token_file.parent)] == "auth"
     if name == "production-tls":
         assert mounts[str(config.tls_cert.parent)] == mounts[str(config.tls_key.parent)] == "tls"
+        # Mutual TLS: client certificates must chain to the CA the trainers trust.
+        client_ca = _volume_at(spec["containers"][0], spec, str(parsed.tls_client_ca))
+        assert client_ca["configMap"]["name"] == "teacher-ca"
     else:
-        assert config.tls_cert is None
+        assert config.tls_cert is None and parsed.tls_client_ca is None
     if name.startswith("production"):
         assert (config.backend, config.device, config.dtype) == ("vllm", "cuda", "bfloat16")
     else:
@@ -405,6 +408,13 @@ def test_trainer_args_and_config_parse_with_the_trainer_cli(rendered, tmp_path):
         assert {i["key"]: i["path"] for i in ca["configMap"]["items"]} == {
             "ca.crt": Path(teacher.ca_cert).name
         }
+        client = _volume_at(container, spec, teacher.client_cert)
+        assert client == _volume_at(container, spec, teacher.client_key)
+        assert client["secret"]["secretName"] == "trainer-tls"
+        assert {i["key"]: i["path"] for i in client["secret"]["items"]} == {
+            "tls.crt": Path(teacher.client_cert).name,
+            "tls.key": Path(teacher.client_key).name,
+        }
     else:
         assert not teacher.uses_tls
     assert config.run.client_id == ""  # the per-process default: <host>-<pid>-rank<rank>
@@ -516,9 +526,9 @@ def test_secrets_are_referenced_never_committed(rendered):
     job_spec = ops.find(docs, "Job", "trainer")["spec"]["template"]["spec"]
     # Trainers never mount the teacher's private key; the CA comes from a ConfigMap the
     # operator creates (docs/deploy.md, "Secrets").
-    assert {v["secret"]["secretName"] for v in job_spec["volumes"] if "secret" in v} == {
-        "teacher-auth"
-    }
+    assert {v["secret"]["secretName"] for v in job_spec["volumes"] if "secret" in v} == (
+        {"teacher-auth", "trainer-tls"} if name.endswith("tls") else {"teacher-auth"}
+    )
     assert not [
         d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "teacher-ca"
     ]
