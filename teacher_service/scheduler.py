@@ -345,13 +345,17 @@ class Scheduler:
             if live:
                 m.batch_size.labels(teacher).observe(len(live))
                 m.batch_tokens.labels(teacher).observe(tokens)
-                results = await self._backend.score([p.item for p in live])
+                try:
+                    results = await self._backend.score([p.item for p in live])
+                except ServiceError as err:
+                    if err.kind is not ErrorKind.INVALID_ARGUMENT or len(live) == 1:
+                        raise
+                    # One client's item was refused by the backend (a limit only it knows):
+                    # score the batch item by item so nobody else's work fails with it.
+                    await self._score_one_by_one(live)
+                    return
                 for pending, result in zip(live, results, strict=True):
-                    rows = pending.item.num_rows
-                    m.tokens_scored.labels(teacher).inc(rows)
-                    m.client_tokens.labels(m.client_label(pending.client)).inc(rows)
-                    if not pending.future.done():
-                        pending.future.set_result(result)
+                    self._deliver(pending, result)
         except ServiceError as err:
             self._fail(live, err)
         except Exception:
@@ -368,6 +372,25 @@ class Scheduler:
             self._slots.release()
             self._batches.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._maybe_idle()
+
+    def _deliver(self, pending: _Pending, result: ScoreResult) -> None:
+        m = self._metrics
+        rows = pending.item.num_rows
+        m.tokens_scored.labels(self._teacher).inc(rows)
+        m.client_tokens.labels(m.client_label(pending.client)).inc(rows)
+        if not pending.future.done():
+            pending.future.set_result(result)
+
+    async def _score_one_by_one(self, batch: list[_Pending]) -> None:
+        for pending in batch:
+            if pending.future.done():
+                continue
+            try:
+                (result,) = await self._backend.score([pending.item])
+            except ServiceError as err:
+                self._fail([pending], err)
+            else:
+                self._deliver(pending, result)
 
     @staticmethod
     def _fail(batch: list[_Pending], err: ServiceError) -> None:

@@ -234,6 +234,39 @@ def test_metrics_follow_the_queue(model_dir: Path) -> None:
     asyncio.run(run())
 
 
+class RefusingBackend(RecordingBackend):
+    """Refuses any batch holding an item with top_k == 3, as a backend refuses an item
+    past a limit only it knows (the vLLM backend's full-row budget, say)."""
+
+    async def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        if any(it.top_k == 3 for it in items):
+            raise ServiceError(ErrorKind.INVALID_ARGUMENT, "top_k: 3 refused by this backend")
+        return await super().score(items)
+
+
+def test_an_item_the_backend_refuses_fails_alone(model_dir: Path) -> None:
+    async def run() -> None:
+        backend = RefusingBackend(TorchBackend(model_dir), delay_s=0.05)
+        await backend.start()
+        scheduler = Scheduler("t", backend, SchedulerConfig(max_wait_s=0.05), Metrics())
+        await scheduler.start()
+        good = [random_item(int(torch.randint(3, 30, ()).item())) for _ in range(6)]
+        bad = random_item(12, top_k=3)
+        tasks = [asyncio.create_task(scheduler.submit(it, f"c{i}")) for i, it in enumerate(good)]
+        tasks.insert(3, asyncio.create_task(scheduler.submit(bad, "bad")))
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        refused = outcomes.pop(3)
+        assert isinstance(refused, ServiceError) and "top_k: 3" in refused.message
+        direct = await backend.inner.score(good)
+        for got, want in zip(outcomes, direct, strict=True):
+            assert isinstance(got, ScoreResult)
+            assert torch.equal(got.topk_ids, want.topk_ids)
+        await scheduler.close()
+        await backend.close()
+
+    asyncio.run(run())
+
+
 def test_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="max_batch_tokens"):
         SchedulerConfig(max_batch_tokens=0)
