@@ -9,7 +9,10 @@ these names; tests/deploy checks that every name they reference is defined here.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -23,21 +26,43 @@ OTHER_CLIENT = "other"
 
 
 class ClientLabeler:
-    """Maps client ids to a bounded set of label values (first come, first named)."""
+    """Maps client ids to at most `max_clients` label values; the rest become "other".
 
-    def __init__(self, max_clients: int) -> None:
+    A named client that has been quiet for `idle_s` seconds gives its slot to the next
+    new client (its series is removed through `on_evict`), so a long-running teacher
+    that sees many short trainer jobs keeps naming the ones that are active now.
+    """
+
+    def __init__(
+        self,
+        max_clients: int,
+        idle_s: float = 900.0,
+        on_evict: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._max = max_clients
-        self._named: set[str] = set()
+        self._idle_s = idle_s
+        self._on_evict = on_evict
+        self._clock = clock
+        self._last_seen: dict[str, float] = {}  # insertion order = least recently seen first
         self._lock = threading.Lock()
 
     def __call__(self, client_id: str) -> str:
         with self._lock:
-            if client_id in self._named:
+            now = self._clock()
+            if client_id in self._last_seen:
+                del self._last_seen[client_id]  # re-insert: most recently seen goes last
+                self._last_seen[client_id] = now
                 return client_id
-            if len(self._named) < self._max:
-                self._named.add(client_id)
-                return client_id
-            return OTHER_CLIENT
+            if len(self._last_seen) >= self._max:
+                oldest, seen = next(iter(self._last_seen.items()), (None, now))
+                if oldest is None or now - seen < self._idle_s:
+                    return OTHER_CLIENT
+                del self._last_seen[oldest]
+                if self._on_evict is not None:
+                    self._on_evict(oldest)
+            self._last_seen[client_id] = now
+            return client_id
 
 
 class Metrics:
@@ -45,7 +70,6 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, max_clients: int = 64) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.client_label = ClientLabeler(max_clients)
         r = self.registry
         self.requests = Counter(
             "teacher_service_requests_total",
@@ -72,6 +96,7 @@ class Metrics:
             ["client"],
             registry=r,
         )
+        self.client_label = ClientLabeler(max_clients, on_evict=self._forget_client)
         self.batch_size = Histogram(
             "teacher_service_batch_size",
             "Sequences per backend batch.",
@@ -147,3 +172,8 @@ class Metrics:
             ["device"],
             registry=r,
         )
+
+    def _forget_client(self, client: str) -> None:
+        """Drops an evicted client's series (absent if it never got a token counted)."""
+        with contextlib.suppress(KeyError):
+            self.client_tokens.remove(client)
