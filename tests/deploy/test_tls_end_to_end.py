@@ -14,56 +14,33 @@ certificate must be refused, so the check can fail.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import random
 import secrets
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.deploy import ops
-
-
-def _pem_pair(cn: str, ca: tuple | None, dns: str | None = None) -> tuple[Any, Any, str, str]:
-    """(cert, key, cert PEM, key PEM), signed by `ca` = (cert, key) or self-signed CA."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(ca[0].subject if ca else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
-    )
-    if dns:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), False)
-    cert = builder.sign(ca[1] if ca else key, hashes.SHA256())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert, key, cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+from tests.pki import issue_certificate
 
 
 def _cluster(namespace: str, token: str) -> dict[tuple[str, str], dict[str, str]]:
     """{(kind, name): data} of what the operator creates for production-tls."""
-    ca_cert, ca_key, ca_pem, _ = _pem_pair("hybrid-distill-ca", None)
-    ca = (ca_cert, ca_key)
-    _, _, server_crt, server_key = _pem_pair("teacher", ca, dns=f"teacher-grpc.{namespace}.svc")
-    _, _, client_crt, client_key = _pem_pair("trainer", ca)
+    ca = issue_certificate("hybrid-distill-ca", is_ca=True)
+    server = issue_certificate("teacher", ca=ca, dns_names=(f"teacher-grpc.{namespace}.svc",))
+    client = issue_certificate("trainer", ca=ca)
     return {
         ("secret", "teacher-auth"): {"token": token + "\n"},
-        ("secret", "teacher-tls"): {"tls.crt": server_crt, "tls.key": server_key},
-        ("secret", "trainer-tls"): {"tls.crt": client_crt, "tls.key": client_key},
-        ("configMap", "teacher-ca"): {"ca.crt": ca_pem},
+        ("secret", "teacher-tls"): {
+            "tls.crt": server.cert_pem.decode(),
+            "tls.key": server.key_pem.decode(),
+        },
+        ("secret", "trainer-tls"): {
+            "tls.crt": client.cert_pem.decode(),
+            "tls.key": client.key_pem.decode(),
+        },
+        ("configMap", "teacher-ca"): {"ca.crt": ca.cert_pem.decode()},
     }
 
 

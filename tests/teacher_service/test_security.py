@@ -6,10 +6,8 @@ certificate for every test session; another CA's client certificate must be refu
 
 from __future__ import annotations
 
-import datetime
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -19,90 +17,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.importorskip("cryptography", reason="cryptography makes the test certificates")
 
-import ipaddress
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from teacher_service.server import ThreadedServer
 from teacher_service.v1 import teacher_pb2 as pb
 from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
+from tests.pki import Issued, Pki, make_pki
 from tests.teacher_service.conftest import TINY_VOCAB, start_thread_server
 from tests.teacher_service.wire import make_request, stub
 
 
-@dataclass
-class Pem:
-    cert: bytes
-    key: bytes
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _issue(
-    subject: str,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool,
-    server: bool = False,
-) -> tuple[Pem, x509.Name, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    issuer_name, issuer_key = issuer if issuer else (_name(subject), key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    cert = builder.sign(issuer_key, hashes.SHA256())
-    pem = Pem(
-        cert.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-    return pem, _name(subject), key
-
-
-@dataclass
-class Pki:
-    ca: Pem
-    server: Pem
-    client: Pem
-    stranger: Pem  # a client certificate from another CA
-    dir: Path
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    ca, ca_name, ca_key = _issue("test-ca", None, ca=True)
-    server, _, _ = _issue("teacher", (ca_name, ca_key), ca=False, server=True)
-    client, _, _ = _issue("trainer", (ca_name, ca_key), ca=False)
-    _, other_name, other_key = _issue("other-ca", None, ca=True)
-    stranger, _, _ = _issue("intruder", (other_name, other_key), ca=False)
-    folder = tmp_path_factory.mktemp("pki")
-    for label, pem in (("ca", ca), ("server", server)):
-        (folder / f"{label}.crt").write_bytes(pem.cert)
-        (folder / f"{label}.key").write_bytes(pem.key)
-    return Pki(ca, server, client, stranger, folder)
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _score_request() -> pb.ScoreRequest:
@@ -122,8 +47,8 @@ def tls_token_server(pki: Pki, tiny_model_dir: Path) -> Iterator[ThreadedServer]
     """TLS (no client certificates) plus a bearer token."""
     server = start_thread_server(
         ("tiny", tiny_model_dir),
-        tls_cert=pki.dir / "server.crt",
-        tls_key=pki.dir / "server.key",
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
         auth_token=TOKEN,
     )
     try:
@@ -132,11 +57,11 @@ def tls_token_server(pki: Pki, tiny_model_dir: Path) -> Iterator[ThreadedServer]
         server.stop()
 
 
-def _tls_channel(pki: Pki, port: int, client: Pem | None = None) -> grpc.Channel:
+def _tls_channel(pki: Pki, port: int, client: Issued | None = None) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(
-        root_certificates=pki.ca.cert,
-        private_key=client.key if client else None,
-        certificate_chain=client.cert if client else None,
+        root_certificates=pki.ca.cert_pem,
+        private_key=client.key_pem if client else None,
+        certificate_chain=client.cert_pem if client else None,
     )
     return grpc.secure_channel(f"127.0.0.1:{port}", creds)
 
@@ -186,9 +111,9 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(
 ) -> None:
     server = start_thread_server(
         ("tiny", tiny_model_dir),
-        tls_cert=pki.dir / "server.crt",
-        tls_key=pki.dir / "server.key",
-        tls_client_ca=pki.dir / "ca.crt",
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.ca_cert,
     )
     try:
         with _tls_channel(pki, server.grpc_port, pki.client) as channel:

@@ -13,22 +13,17 @@ must verify it through `server_name` while dialling 127.0.0.1.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from teacher_service.config import ModelSpec, ServerConfig
 from teacher_service.server import ThreadedServer, serve_in_thread
+from tests.pki import Pki, make_pki
 from tests.trainer.test_train_fixtures import tiny_config, tiny_models
 from trainer.config import (
     AUTH_TOKEN_ENV,
@@ -45,51 +40,9 @@ SERVER_NAME = "teacher.internal"
 CLIENT_TOKENS = "teacher_service_client_tokens_total"
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def _issue(d: Path, stem: str, cn: str, ca: tuple | None, is_ca: bool = False) -> tuple:
-    """Writes STEM.crt / STEM.key, signed by `ca` (cert, key) or self-signed."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(ca[0].subject if ca else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-    )
-    if not is_ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), False)
-    cert = builder.sign(ca[1] if ca else key, hashes.SHA256())
-    (d / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / f"{stem}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    ca = _issue(d, "ca", "test-ca", None, is_ca=True)
-    _issue(d, "server", SERVER_NAME, ca)
-    _issue(d, "client", "trainer", ca)
-    return Pki(d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt", d / "client.key")
+    return make_pki(tmp_path_factory.mktemp("pki"), server_name=SERVER_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +62,7 @@ def server(root: Path, pki: Pki, token: str) -> Iterator[ThreadedServer]:
     cfg = ServerConfig(
         models=(ModelSpec("tiny", teacher),), host="127.0.0.1", grpc_port=0, http_port=0,
         torch_threads=1, grace_seconds=0.0, tls_cert=pki.server_cert, tls_key=pki.server_key,
-        tls_client_ca=pki.ca, auth_token=token,
+        tls_client_ca=pki.ca_cert, auth_token=token,
     )  # fmt: skip
     srv = serve_in_thread(cfg)
     try:
@@ -120,8 +73,9 @@ def server(root: Path, pki: Pki, token: str) -> Iterator[ThreadedServer]:
 
 def _tls_spec(srv: ThreadedServer, pki: Pki, **auth: str) -> TeacherSpec:
     return TeacherSpec(
-        name="svc", endpoints=(srv.address,), ca_cert=str(pki.ca), client_cert=str(pki.client_cert),
-        client_key=str(pki.client_key), server_name=SERVER_NAME, **auth,
+        name="svc", endpoints=(srv.address,), ca_cert=str(pki.ca_cert),
+        client_cert=str(pki.client_cert), client_key=str(pki.client_key), server_name=SERVER_NAME,
+        **auth,
     )  # fmt: skip
 
 
@@ -191,7 +145,7 @@ def test_env_token_through_the_cli(
     config = _one_step(root, tmp_path / "out", _tls_spec(server, pki))
     cid = f"env-{secrets.token_hex(4)}"
     teachers = (
-        f"[{{name: svc, endpoints: ['{server.address}'], ca_cert: '{pki.ca}', "
+        f"[{{name: svc, endpoints: ['{server.address}'], ca_cert: '{pki.ca_cert}', "
         f"client_cert: '{pki.client_cert}', client_key: '{pki.client_key}', "
         f"server_name: {SERVER_NAME}}}]"
     )
