@@ -1,6 +1,10 @@
 """The quick demo end to end, as CI runs it: `hybrid-distill demo --quick` in a fresh
 process (no Triton interpreter: the torch path a CPU user gets), teacher pre-training,
-the teacher service subprocess on loopback, the hybrid training, the results and plots."""
+the teacher service subprocess on loopback, the hybrid training, the results and plots.
+
+The student's warm start is minimal (format only, chance-level reward), so the rise the
+test asserts is the hybrid phase's work; a trainer whose Dense term or teacher scores were
+broken would leave the reward near chance and the KL where it started."""
 
 from __future__ import annotations
 
@@ -30,10 +34,13 @@ def test_quick_demo_learns_and_writes_results(tmp_path: Path) -> None:
     assert results["teacher_source"].startswith("service")
     assert (out / "teacher_service.log").stat().st_size > 0
 
-    # It learned: the teacher is good, and the student moved measurably towards it.
+    # It learned: the teacher is good; the warm start alone taught next to nothing; the
+    # hybrid phase moved the student measurably towards the teacher.
     teacher, before, after = results["teacher"], results["student_before"], results["student_after"]
-    assert teacher["accuracy"] >= 0.9
-    assert after["reward"] >= before["reward"] + 0.15
-    assert after["kl"] <= 0.7 * before["kl"]
+    assert teacher["accuracy"] >= 0.9 and teacher["reward"] >= 0.9
+    assert before["reward"] <= 0.1 and before["accuracy"] <= 0.05, before
+    assert after["reward"] >= before["reward"] + 0.15, (before, after)
+    assert after["token_acc"] >= before["token_acc"] + 0.3, (before, after)
+    assert after["kl"] <= 0.6 * before["kl"], (before, after)
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").open()]
     assert rows[-1]["step"] == results["train_steps"]

@@ -30,7 +30,7 @@ class TaskSpec:
 
     vocab_size: int = 1024
     length: int = 6  # symbols per prompt
-    alphabet: int = 64
+    alphabet: int = 32
 
     def __post_init__(self) -> None:
         if FIRST_SYMBOL + self.alphabet > self.vocab_size:
