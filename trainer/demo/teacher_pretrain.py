@@ -8,12 +8,13 @@ loads. The cache key hashes the task and the recipe, so changing either retrains
 Corrupted prefixes (`TeacherRecipe.corrupt`): on-policy distillation asks the teacher
 about the *student's* prefixes, which early in training are mostly wrong. A teacher
 trained only with teacher forcing on correct prefixes learns a shortcut for reversal
-(output the prompt symbol just before the one it last wrote), which is confidently wrong
-after a mistake, so it would teach the student to continue its own errors. So some
+(output the prompt symbol just before the one it last wrote), which can be confidently
+wrong after a mistake and would then teach the student to continue its errors. So some
 response tokens in the teacher's *input* are replaced by random ids while the targets
 stay correct: the right next token depends only on the prompt and the position, and the
 teacher learns exactly that. One extra position after <eos> (target <eos> again) teaches
-it to stop a student that ran past the answer.
+it to stop a student that ran past the answer. (Measured: in the demo as configured a
+teacher trained without corruption taught the student just as well; docs/results.md.)
 """
 
 from __future__ import annotations
