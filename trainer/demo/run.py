@@ -76,6 +76,8 @@ class Preset:
 FULL = Preset(
     config="demo.yaml",
     teacher=TeacherRecipe(),
+    # 8 heads, not 4 (same parameter count): with 4 the on-policy student learned every
+    # answer position but a middle one and stalled at 44 % of the teacher's reward.
     student=ModelSize(hidden=64, layers=2, heads=8),
     warm_steps=50,
     train_prompts=40000,
