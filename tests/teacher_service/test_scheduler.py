@@ -17,11 +17,11 @@ import torch
 from teacher_service.backends.torch_backend import TorchBackend
 from teacher_service.errors import ErrorKind, ServiceError
 from teacher_service.metrics import Metrics
-from teacher_service.random_model import save_random_model
 from teacher_service.scheduler import Scheduler, SchedulerConfig
 from teacher_service.types import ScoreItem, ScoreResult, TeacherMeta
+from tests.teacher_service.conftest import TINY_VOCAB
 
-VOCAB = 512
+VOCAB = TINY_VOCAB
 
 
 class RecordingBackend:
@@ -53,18 +53,13 @@ class RecordingBackend:
         await self.inner.close()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_random_model(tmp_path_factory.mktemp("sched") / "m", VOCAB, hidden=32, layers=1)
-
-
 def random_item(length: int, top_k: int = 4) -> ScoreItem:
     start = int(torch.randint(1, length, ()).item())
     return ScoreItem(torch.randint(0, VOCAB, (length,)), start=start, top_k=top_k)
 
 
-async def make(model_dir: Path, delay_s: float = 0.0, **cfg: float) -> tuple:
-    backend = RecordingBackend(TorchBackend(model_dir), delay_s)
+async def make(tiny_model_dir: Path, delay_s: float = 0.0, **cfg: float) -> tuple:
+    backend = RecordingBackend(TorchBackend(tiny_model_dir), delay_s)
     await backend.start()
     metrics = Metrics()
     scheduler = Scheduler("t", backend, SchedulerConfig(**cfg), metrics)  # type: ignore[arg-type]
@@ -72,9 +67,9 @@ async def make(model_dir: Path, delay_s: float = 0.0, **cfg: float) -> tuple:
     return scheduler, backend, metrics
 
 
-def test_results_match_direct_backend_scoring(model_dir: Path) -> None:
+def test_results_match_direct_backend_scoring(tiny_model_dir: Path) -> None:
     async def run() -> None:
-        scheduler, backend, _ = await make(model_dir)
+        scheduler, backend, _ = await make(tiny_model_dir)
         items = [random_item(int(torch.randint(2, 40, ()).item())) for _ in range(24)]
         results = await asyncio.gather(
             *(scheduler.submit(it, f"c{i % 5}") for i, it in enumerate(items))
@@ -91,10 +86,10 @@ def test_results_match_direct_backend_scoring(model_dir: Path) -> None:
     asyncio.run(run())
 
 
-def test_batches_respect_token_and_size_budgets(model_dir: Path) -> None:
+def test_batches_respect_token_and_size_budgets(tiny_model_dir: Path) -> None:
     async def run() -> None:
         scheduler, backend, _ = await make(
-            model_dir, delay_s=0.01, max_batch_tokens=200, max_batch_size=6, max_wait_s=0.01
+            tiny_model_dir, delay_s=0.01, max_batch_tokens=200, max_batch_size=6, max_wait_s=0.01
         )
         lengths = torch.randint(5, 60, (60,)).tolist()
         await asyncio.gather(
@@ -110,7 +105,7 @@ def test_batches_respect_token_and_size_budgets(model_dir: Path) -> None:
     asyncio.run(run())
 
 
-def test_flooding_client_cannot_starve_a_single_sequence(model_dir: Path) -> None:
+def test_flooding_client_cannot_starve_a_single_sequence(tiny_model_dir: Path) -> None:
     """A client with 400 queued sequences and one with a single sequence share batches.
 
     With FIFO the single sequence would wait for the whole backlog (~400/8 = 50
@@ -119,7 +114,7 @@ def test_flooding_client_cannot_starve_a_single_sequence(model_dir: Path) -> Non
 
     async def run() -> None:
         scheduler, backend, _ = await make(
-            model_dir, delay_s=0.005, max_batch_size=8, max_batch_tokens=100_000
+            tiny_model_dir, delay_s=0.005, max_batch_size=8, max_batch_tokens=100_000
         )
         flood = [
             asyncio.create_task(scheduler.submit(random_item(16), "flooder")) for _ in range(400)
@@ -138,10 +133,10 @@ def test_flooding_client_cannot_starve_a_single_sequence(model_dir: Path) -> Non
     asyncio.run(run())
 
 
-def test_queue_bounds_refuse_with_retry_hint(model_dir: Path) -> None:
+def test_queue_bounds_refuse_with_retry_hint(tiny_model_dir: Path) -> None:
     async def run() -> None:
         scheduler, backend, metrics = await make(
-            model_dir, delay_s=0.2, max_client_queued_tokens=100, max_queued_tokens=150
+            tiny_model_dir, delay_s=0.2, max_client_queued_tokens=100, max_queued_tokens=150
         )
         first = asyncio.create_task(scheduler.submit(random_item(10), "a"))
         await asyncio.sleep(0.02)  # first is computing (slow), the queue is empty again
@@ -168,9 +163,9 @@ def test_queue_bounds_refuse_with_retry_hint(model_dir: Path) -> None:
     asyncio.run(run())
 
 
-def test_expired_deadline_and_cancelled_requests_are_never_computed(model_dir: Path) -> None:
+def test_expired_deadline_and_cancelled_requests_are_never_computed(tiny_model_dir: Path) -> None:
     async def run() -> None:
-        scheduler, backend, _ = await make(model_dir, delay_s=0.2)
+        scheduler, backend, _ = await make(tiny_model_dir, delay_s=0.2)
         blocker = asyncio.create_task(scheduler.submit(random_item(8), "a"))
         await asyncio.sleep(0.02)  # the backend is busy for 0.2 s
         expired_item, cancelled_item, kept_item = random_item(9), random_item(10), random_item(11)
@@ -198,9 +193,9 @@ def test_expired_deadline_and_cancelled_requests_are_never_computed(model_dir: P
     asyncio.run(run())
 
 
-def test_drain_refuses_new_work_but_finishes_queued(model_dir: Path) -> None:
+def test_drain_refuses_new_work_but_finishes_queued(tiny_model_dir: Path) -> None:
     async def run() -> None:
-        scheduler, backend, _ = await make(model_dir, delay_s=0.05)
+        scheduler, backend, _ = await make(tiny_model_dir, delay_s=0.05)
         queued = [asyncio.create_task(scheduler.submit(random_item(12), "a")) for _ in range(5)]
         await asyncio.sleep(0)
         scheduler.drain()
@@ -217,9 +212,9 @@ def test_drain_refuses_new_work_but_finishes_queued(model_dir: Path) -> None:
     asyncio.run(run())
 
 
-def test_metrics_follow_the_queue(model_dir: Path) -> None:
+def test_metrics_follow_the_queue(tiny_model_dir: Path) -> None:
     async def run() -> None:
-        scheduler, backend, metrics = await make(model_dir)
+        scheduler, backend, metrics = await make(tiny_model_dir)
         items = [random_item(20) for _ in range(10)]
         await asyncio.gather(*(scheduler.submit(it, "x") for it in items))
         rows = sum(it.num_rows for it in items)
@@ -244,9 +239,9 @@ class RefusingBackend(RecordingBackend):
         return await super().score(items)
 
 
-def test_an_item_the_backend_refuses_fails_alone(model_dir: Path) -> None:
+def test_an_item_the_backend_refuses_fails_alone(tiny_model_dir: Path) -> None:
     async def run() -> None:
-        backend = RefusingBackend(TorchBackend(model_dir), delay_s=0.05)
+        backend = RefusingBackend(TorchBackend(tiny_model_dir), delay_s=0.05)
         await backend.start()
         scheduler = Scheduler("t", backend, SchedulerConfig(max_wait_s=0.05), Metrics())
         await scheduler.start()
