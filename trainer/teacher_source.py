@@ -21,7 +21,6 @@ fingerprint differs from the student's fails at start, saying what differs.
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from teacher_service.backends.logprob_rows import summarize_rows
 from teacher_service.fingerprint import tokenizer_fingerprint
 from trainer.config import TeacherSpec
 from trainer.rollout import Batch, ResponseLogits
@@ -113,20 +113,26 @@ class LocalTeacher:
         self, batch: Batch, top_k: int, query_ids: torch.Tensor | None, full: bool
     ) -> TeacherOutput:
         logits = self._model(batch.input_ids.to(self._device), batch.positions.to(self._device))
-        lq = torch.log_softmax(logits.float(), dim=-1).cpu()  # [B, T, V]
         mask = batch.mask.bool()
-        token = lq.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
-        token = torch.where(mask, token, 0.0)
         if full:
-            return TeacherOutput(token_logprobs=token, full_logprobs=lq)
-        top_lp, top_ids = lq.topk(top_k, dim=-1)  # sorted, like the service
-        top_ids = torch.where(mask.unsqueeze(-1), top_ids, -1)
-        # log(1 − Σ_topK q) computed as log Σ_{v∉topK} q: stable when the top-K holds ~all.
-        rest = lq.scatter(-1, top_ids.clamp_min(0), -math.inf)
-        leftover = torch.logsumexp(rest, dim=-1)
-        query = None
-        if query_ids is not None:
-            query = lq.gather(-1, query_ids.clamp_min(0))
+            lq = torch.log_softmax(logits.float(), dim=-1).cpu()  # [B, T, V]
+            token = lq.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+            return TeacherOutput(token_logprobs=torch.where(mask, token, 0.0), full_logprobs=lq)
+        # The same row maths as the service's backends, so both teachers agree exactly.
+        B, T, V = logits.shape
+        n = B * T
+        rows = summarize_rows(
+            logits.reshape(n, V),
+            batch.targets.reshape(n).to(self._device),
+            torch.full((n,), top_k, device=self._device),
+            torch.ones(n, device=self._device),
+            None if query_ids is None else query_ids.reshape(n, -1).clamp_min(0).to(self._device),
+        )
+        token = torch.where(mask, rows.token_logprobs.view(B, T).cpu(), 0.0)
+        top_ids = torch.where(mask.unsqueeze(-1), rows.topk_ids.view(B, T, -1).cpu(), -1)
+        top_lp = rows.topk_logprobs.view(B, T, -1).cpu()
+        leftover = rows.leftover_logmass.view(B, T).cpu()
+        query = None if rows.query_logprobs is None else rows.query_logprobs.view(B, T, -1).cpu()
         return TeacherOutput(token, top_ids, top_lp, query, leftover)
 
     def close(self) -> None:
