@@ -143,8 +143,8 @@ class ServiceTeacher:
     """A teacher behind the teacher service, through the trainer's TeacherClient."""
 
     def __init__(self, spec: TeacherSpec, client_id: str) -> None:
-        from trainer.client import TeacherClient  # grpc only when a service is used
-        from trainer.client_types import ClientConfig, TlsOptions
+        # grpc only when a service is used
+        from trainer.client import ClientConfig, TeacherClient, TlsOptions
 
         self.spec = spec
         tls = None
@@ -174,7 +174,7 @@ class ServiceTeacher:
         credentials raise TeacherAuthError saying which token was sent."""
         import grpc
 
-        from trainer.client_errors import TeacherError
+        from trainer.client import TeacherError
 
         try:
             info = self._client.connect(vocab_size=student_vocab, tokenizer_fingerprint=student_fp)
@@ -203,7 +203,7 @@ class ServiceTeacher:
         """One ScoreSpec per row (prompt + response, start = prompt length)."""
         if full:
             raise ValueError("the teacher service returns top-K, not full log-probs")
-        from trainer.client_types import ScoreSpec
+        from trainer.client import ScoreSpec
 
         lengths = batch.mask.sum(-1).to(torch.int64).tolist()
         futures = []

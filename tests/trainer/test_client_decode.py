@@ -19,7 +19,7 @@ from tests.trainer.client_fixtures import (  # noqa: F401
     thread_server,
 )
 from trainer.client import ClientConfig, ScoreSpec, TeacherClient, TeacherError
-from trainer.client_wire import decode_scores
+from trainer.client.wire import decode_scores
 
 
 def _expect_equal(got: object, want: ScoreResult, dtype: torch.dtype) -> None:

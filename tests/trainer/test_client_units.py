@@ -14,10 +14,10 @@ import torch
 
 from teacher_service.v1 import teacher_pb2 as pb
 from trainer.client import ClientConfig, HandshakeError, ScoreSpec, TlsOptions
-from trainer.client_balance import Balancer
-from trainer.client_errors import AttemptFailure
-from trainer.client_handshake import Expectation, check, select_teacher
-from trainer.client_retry import backoff_delay, is_retryable
+from trainer.client.balance import Balancer
+from trainer.client.errors import AttemptFailure
+from trainer.client.handshake import Expectation, check, select_teacher
+from trainer.client.retry import backoff_delay, is_retryable
 
 # -- backoff -----------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
-"""The trainer's teacher client: async core and a synchronous facade.
+"""The synchronous teacher client: a facade over the async core on a loop thread.
 
-`AsyncTeacherClient` (trainer/client_core.py) does the work on an asyncio loop;
+`AsyncTeacherClient` (trainer/client/core.py) does the work on an asyncio loop;
 `TeacherClient` here runs one on a background thread so that a synchronous rollout
 loop can hand each finished sequence to the teacher at once and keep sampling:
 
@@ -26,36 +26,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from trainer.client_core import AsyncTeacherClient
-from trainer.client_errors import (
-    HandshakeError,
-    TeacherDeadlineError,
-    TeacherError,
-    TeacherRequestError,
-    TeacherUnavailableError,
-)
-from trainer.client_types import (
-    ClientConfig,
-    ScoreSpec,
-    TeacherInfo,
-    TeacherScores,
-    TlsOptions,
-)
-
-__all__ = [
-    "AsyncTeacherClient",
-    "ClientConfig",
-    "HandshakeError",
-    "ScoreSpec",
-    "TeacherClient",
-    "TeacherDeadlineError",
-    "TeacherError",
-    "TeacherInfo",
-    "TeacherRequestError",
-    "TeacherScores",
-    "TeacherUnavailableError",
-    "TlsOptions",
-]
+from trainer.client.core import AsyncTeacherClient
+from trainer.client.errors import TeacherError
+from trainer.client.types import ClientConfig, ScoreSpec, TeacherInfo, TeacherScores
 
 T = TypeVar("T")
 

@@ -14,8 +14,8 @@ import torch
 
 from teacher_service.codec import LOGPROB_DTYPES
 from teacher_service.v1 import teacher_pb2 as pb
-from trainer.client_errors import HandshakeError
-from trainer.client_types import TeacherInfo
+from trainer.client.errors import HandshakeError
+from trainer.client.types import TeacherInfo
 
 _TORCH_DTYPES = {
     pb.DTYPE_FLOAT32: torch.float32,

@@ -12,8 +12,8 @@ import torch
 from teacher_service.codec import decode_result, encode
 from teacher_service.errors import ServiceError
 from teacher_service.v1 import teacher_pb2 as pb
-from trainer.client_errors import TeacherError
-from trainer.client_types import ScoreSpec, TeacherScores
+from trainer.client.errors import TeacherError
+from trainer.client.types import ScoreSpec, TeacherScores
 
 _WIRE_DTYPES = {
     torch.float32: pb.DTYPE_FLOAT32,

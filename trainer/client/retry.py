@@ -12,7 +12,7 @@ import random
 
 import grpc
 
-from trainer.client_errors import AttemptFailure
+from trainer.client.errors import AttemptFailure
 
 # Per-request codes a retry can cure: overload, draining, a server-side deadline.
 RETRYABLE_CODES = frozenset(

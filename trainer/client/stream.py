@@ -24,8 +24,8 @@ import grpc
 
 from teacher_service.v1 import teacher_pb2 as pb
 from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
-from trainer.client_errors import AttemptFailure, StreamBroken
-from trainer.client_types import ClientConfig
+from trainer.client.errors import AttemptFailure, StreamBroken
+from trainer.client.types import ClientConfig
 
 log = logging.getLogger(__name__)
 

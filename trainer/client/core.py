@@ -1,6 +1,6 @@
 """The asynchronous teacher client: handshake, balancing, retries and failover.
 
-Every request is a ScoreStream message on one endpoint's stream (see client_stream).
+Every request is a ScoreStream message on one endpoint's stream (see stream.py).
 One request, one result, whatever happens to the replicas:
 
     attempt on the least-loaded endpoint
@@ -38,8 +38,8 @@ import torch
 
 from teacher_service.v1 import teacher_pb2 as pb
 from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
-from trainer.client_balance import Balancer, Endpoint
-from trainer.client_errors import (
+from trainer.client.balance import Balancer, Endpoint
+from trainer.client.errors import (
     AttemptFailure,
     HandshakeError,
     StreamBroken,
@@ -49,11 +49,11 @@ from trainer.client_errors import (
     TeacherUnavailableError,
     status_from_int,
 )
-from trainer.client_handshake import Expectation, check, select_teacher
-from trainer.client_retry import FATAL_STREAM_CODES, backoff_delay, is_retryable
-from trainer.client_stream import EndpointStream, call_metadata, make_channel
-from trainer.client_types import ClientConfig, ScoreSpec, TeacherInfo, TeacherScores
-from trainer.client_wire import build_request, decode_scores
+from trainer.client.handshake import Expectation, check, select_teacher
+from trainer.client.retry import FATAL_STREAM_CODES, backoff_delay, is_retryable
+from trainer.client.stream import EndpointStream, call_metadata, make_channel
+from trainer.client.types import ClientConfig, ScoreSpec, TeacherInfo, TeacherScores
+from trainer.client.wire import build_request, decode_scores
 
 log = logging.getLogger(__name__)
 
