@@ -77,6 +77,12 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     auth_token: str | None = field(default=None, repr=False)  # never logged
+    # The token's file: re-read when it changes (rotation without restart); auth_token
+    # holds what it said at start. TLS files are watched alike; both at most this often.
+    auth_token_file: Path | None = None
+    credentials_check_s: float = 5.0
+    # Liveness and readiness fail after this many batches in a row failed in a backend.
+    max_failed_batches: int = 3
     max_client_labels: int = 64
     log_level: str = "INFO"
 
@@ -106,6 +112,7 @@ class ServerConfig:
             "--max-message-bytes": self.max_message_bytes,
             "--max-client-labels": self.max_client_labels,
             "--tensor-parallel-size": self.tensor_parallel_size,
+            "--max-failed-batches": self.max_failed_batches,
         }
         for flag, value in positive.items():
             if value < 1:
@@ -116,6 +123,10 @@ class ServerConfig:
             raise ValueError(f"--torch-threads must be >= 1, got {self.torch_threads}")
         if self.max_wait_s < 0 or self.grace_seconds < 0:
             raise ValueError("--max-wait-ms and --grace-seconds must be >= 0")
+        if not self.credentials_check_s > 0:
+            raise ValueError(
+                f"--credentials-check-seconds must be > 0, got {self.credentials_check_s}"
+            )
         for flag, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port)):
             if not 0 <= port <= 65535:
                 raise ValueError(f"{flag} must be in [0, 65535], got {port}")
@@ -176,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"file holding the bearer token clients must send (else ${AUTH_TOKEN_ENV})",
     )
+    p.add_argument(
+        "--credentials-check-seconds",
+        type=float,
+        default=d.credentials_check_s,
+        help="how often the TLS files and the token file are checked for a rotation",
+    )
+    p.add_argument(
+        "--max-failed-batches",
+        type=int,
+        default=d.max_failed_batches,
+        help="failed backend batches in a row after which liveness and readiness fail",
+    )
     p.add_argument("--max-client-labels", type=int, default=d.max_client_labels)
     p.add_argument("--log-level", default=d.log_level)
     return p
@@ -227,6 +250,9 @@ def parse_args(
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             auth_token=token,
+            auth_token_file=args.auth_token_file,
+            credentials_check_s=args.credentials_check_seconds,
+            max_failed_batches=args.max_failed_batches,
             max_client_labels=args.max_client_labels,
             log_level=args.log_level,
         )

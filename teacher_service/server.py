@@ -37,7 +37,7 @@ from teacher_service.config import ServerConfig, parse_args
 from teacher_service.http import HttpServer, build_app
 from teacher_service.metrics import Metrics
 from teacher_service.scheduler import Scheduler, SchedulerConfig
-from teacher_service.security import BearerAuthInterceptor, server_credentials
+from teacher_service.security import BearerAuthInterceptor, TokenFile, server_credentials
 from teacher_service.servicer import HostedTeacher, TeacherServicer, teacher_info
 from teacher_service.v1 import teacher_pb2 as pb
 from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
@@ -233,7 +233,10 @@ async def _start_grpc(
     config: ServerConfig, servicer: TeacherServicer
 ) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """Binds the gRPC port with the scoring, health and reflection services."""
-    interceptors = [BearerAuthInterceptor(config.auth_token)] if config.auth_token else []
+    token: str | TokenFile | None = config.auth_token
+    if config.auth_token_file is not None:  # re-read on rotation
+        token = TokenFile(config.auth_token_file, config.credentials_check_s)
+    interceptors = [BearerAuthInterceptor(token)] if token else []
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -256,7 +259,9 @@ async def _start_grpc(
         else (f"{config.host}:{config.grpc_port}")
     )
     if config.tls_cert is not None and config.tls_key is not None:
-        creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        creds = server_credentials(
+            config.tls_cert, config.tls_key, config.tls_client_ca, config.credentials_check_s
+        )
         port = server.add_secure_port(address, creds)
     else:
         port = server.add_insecure_port(address)
