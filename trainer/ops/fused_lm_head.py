@@ -234,6 +234,12 @@ def fused_lm_head_topk_kl(
         else row_weights.detach().to(device=dev, dtype=cdt)
     )
     ids = torch.where((rho != 0).unsqueeze(-1), first_occurrence(ids), -1)
+    lq_shape = tuple(teacher_logprobs_at_support.shape)
+    if len(lq_shape) not in (2, 3) or lq_shape[-2:] != tuple(ids.shape):
+        raise ValueError(
+            f"teacher_logprobs_at_support must be [M, {N}, {ids.shape[1]}] or "
+            f"[{N}, {ids.shape[1]}], got {lq_shape}"
+        )
     known = None if teacher_known is None else teacher_known.to(dev)
     lq = fill_missing_teacher_logprobs(
         teacher_logprobs_at_support.detach().to(dev), ids, V,
@@ -241,11 +247,6 @@ def fused_lm_head_topk_kl(
         teacher_num_returned, known,
     )  # fmt: skip
     M = lq.shape[0]
-    if lq.shape[1:] != ids.shape:
-        raise ValueError(
-            f"teacher_logprobs_at_support must be [M, {N}, {ids.shape[1]}], "
-            f"got {tuple(teacher_logprobs_at_support.shape)}"
-        )
     w = (
         torch.full((M,), 1.0 / M, dtype=cdt, device=dev)
         if teacher_weights is None
