@@ -1,10 +1,11 @@
 """Dense-gradient ops: full-vocabulary and top-K reverse KL with hand-written gradients.
 
 Public API (dispatching to Triton on CUDA or under TRITON_INTERPRET=1, else pure torch):
-dense_kl, topk_kl, build_support, teacher_logprobs_on_support, fill_missing_teacher_logprobs.
+dense_kl, topk_kl, topk_kl_support_grad, build_support, teacher_logprobs_on_support,
+fill_missing_teacher_logprobs.
 """
 
-from trainer.ops.dispatch import dense_kl, topk_kl, use_triton
+from trainer.ops.dispatch import dense_kl, topk_kl, topk_kl_support_grad, use_triton
 from trainer.ops.reference import dense_kl_reference, topk_kl_reference
 from trainer.ops.topk_support import (
     FILL_MIN_MASS,
@@ -26,5 +27,6 @@ __all__ = [
     "teacher_logprobs_on_support",
     "topk_kl",
     "topk_kl_reference",
+    "topk_kl_support_grad",
     "use_triton",
 ]

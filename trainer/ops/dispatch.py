@@ -17,7 +17,13 @@ from typing import Literal
 import torch
 
 from trainer.ops.reference import dense_kl_reference, topk_kl_reference
-from trainer.ops.topk_support import TopKKLResult, TopKMode, fill_missing_teacher_logprobs
+from trainer.ops.topk_support import (
+    TopKKLResult,
+    TopKMode,
+    check_support_ids,
+    dedupe_support,
+    fill_missing_teacher_logprobs,
+)
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -74,6 +80,22 @@ def dense_kl(
     )
 
 
+def _prepare(
+    student_logits: torch.Tensor,
+    support_ids: torch.Tensor,
+    row_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """Checks shared by both backends, before the fill rule reads anything: the support
+    range (one host sync), the row weights' length; then drops repeated ids (S is a set)."""
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
+    N, V = student_logits.shape
+    check_support_ids(support_ids, N, V)
+    if row_weights is not None and (row_weights.dim() != 1 or row_weights.shape[0] != N):
+        raise ValueError(f"row_weights must be [{N}] (one per row), got {tuple(row_weights.shape)}")
+    return dedupe_support(support_ids.to(student_logits.device)).contiguous()
+
+
 def topk_kl(
     student_logits: torch.Tensor,
     support_ids: torch.Tensor,
@@ -85,28 +107,90 @@ def topk_kl(
     *,
     teacher_num_returned: torch.Tensor | int | None = None,
     teacher_known: torch.Tensor | None = None,
+    sparse_grad: bool = False,
     backend: Backend = "auto",
 ) -> TopKKLResult:
     """Top-K KL on a support S (MATH.md § Top-K Dense gradient; modes in topk_kl_kernel.py).
 
-    student_logits: [N, V]. support_ids: [N, K] int64, -1 = padding, unique per row.
+    student_logits: [N, V]. support_ids: [N, K] int, -1 = padding; ids outside [-1, V)
+    raise ValueError; an id repeated within a row counts once (later copies are dropped).
     teacher_logprobs_at_support: [M, N, K] or [N, K]; NaN (or teacher_known=False) marks ids
     the teacher did not return, filled by the rule in topk_support.py from
     teacher_leftover_logmass [M, N] or [N] (log of the teacher mass outside its top-K) and
-    teacher_num_returned (n_R; default: the known slots of the row).
+    teacher_num_returned (n_R; default: the known slots of the row). Masked rows are never
+    filled nor read.
     teacher_weights: [M] (default 1/M). row_weights: [N]. mode: "sparse" | "exact" | "renorm".
+    sparse_grad (Triton path, "sparse"/"renorm"): the logits' gradient is a sparse COO
+    [N, V] tensor with N·K entries, for a caller whose backward accepts one (a leaf, or an
+    LM-head matmul); the torch path always gives a dense gradient.
     Returns TopKKLResult(kl [N], student_mass [N], tail [N]), fp32; kl is differentiable.
     """
+    ids = _prepare(student_logits, support_ids, row_weights)
     lq = fill_missing_teacher_logprobs(
         teacher_logprobs_at_support,
-        support_ids,
+        ids,
         student_logits.shape[-1],
         teacher_leftover_logmass,
         teacher_num_returned,
         teacher_known,
+        row_weights=row_weights,
     )
     if use_triton(student_logits, backend):
         from trainer.ops.topk_kl_kernel import topk_kl_triton
 
-        return topk_kl_triton(student_logits, support_ids, lq, teacher_weights, row_weights, mode)
-    return topk_kl_reference(student_logits, support_ids, lq, teacher_weights, row_weights, mode)
+        return topk_kl_triton(
+            student_logits, ids, lq, teacher_weights, row_weights, mode,
+            sparse_grad=sparse_grad, support_prepared=True,
+        )  # fmt: skip
+    return topk_kl_reference(student_logits, ids, lq, teacher_weights, row_weights, mode)
+
+
+def topk_kl_support_grad(
+    student_logits: torch.Tensor,
+    support_ids: torch.Tensor,
+    teacher_logprobs_at_support: torch.Tensor,
+    teacher_leftover_logmass: torch.Tensor | None = None,
+    teacher_weights: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+    mode: TopKMode = "sparse",
+    grad_output: torch.Tensor | None = None,
+    *,
+    teacher_num_returned: torch.Tensor | int | None = None,
+    teacher_known: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> tuple[TopKKLResult, torch.Tensor, torch.Tensor]:
+    """topk_kl without autograd, for a caller that applies the K-sparse gradient itself.
+
+    Same arguments as topk_kl ("sparse" or "renorm" only: the "exact" gradient is dense),
+    plus grad_output [N] (default ones). Returns (TopKKLResult with kl detached, support ids
+    [N, K] int64 as used (repeats turned into -1), gradient values [N, K] fp32 at those ids:
+    grad_output[n] · ∂kl[n]/∂z[n, ids[n, k]], 0 on padding). Nothing of size [N, V] is
+    written on the Triton path; an LM-head backward is then dh[n] = Σ_k g[n, k] W[ids[n, k]]
+    and dW[ids[n, k]] += g[n, k] h[n]. The torch path computes a dense gradient and gathers.
+    """
+    if mode == "exact":
+        raise ValueError("the 'exact' gradient is dense: use topk_kl and autograd instead")
+    ids = _prepare(student_logits, support_ids, row_weights)
+    lq = fill_missing_teacher_logprobs(
+        teacher_logprobs_at_support,
+        ids,
+        student_logits.shape[-1],
+        teacher_leftover_logmass,
+        teacher_num_returned,
+        teacher_known,
+        row_weights=row_weights,
+    )
+    if use_triton(student_logits, backend):
+        from trainer.ops.topk_kl_kernel import topk_kl_support_grad_triton
+
+        return topk_kl_support_grad_triton(
+            student_logits, ids, lq, teacher_weights, row_weights, mode, grad_output,
+            support_prepared=True,
+        )  # fmt: skip
+    z = student_logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        res = topk_kl_reference(z, ids, lq, teacher_weights, row_weights, mode)
+        go = torch.ones_like(res.kl) if grad_output is None else grad_output.to(res.kl)
+        (grad,) = torch.autograd.grad(res.kl, z, go)
+    vals = torch.where(ids >= 0, grad.gather(-1, ids.clamp_min(0)), 0.0).to(torch.float32)
+    return TopKKLResult(res.kl.detach(), res.student_mass, res.tail), ids, vals

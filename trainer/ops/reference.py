@@ -14,14 +14,16 @@ formulas:
 Computation runs in float64 for float64 inputs and float32 otherwise; it materialises
 [N, V] intermediates, which is fine for a fallback and an oracle, not for training at scale.
 Rows with weight 0 are replaced by zeros before any maths, so padding garbage (NaN) in a
-masked row yields kl = 0 and a zero gradient, like the kernels.
+masked row yields kl = 0 and a zero gradient, like the kernels. Shapes are checked (a
+teacher is never broadcast), support ids must lie in [-1, V) and repeats within a row are
+dropped (topk_support.dedupe_support), as in the kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
-from trainer.ops.topk_support import TopKKLResult, TopKMode
+from trainer.ops.topk_support import TopKKLResult, TopKMode, check_support_ids, dedupe_support
 
 # A finite "minus infinity" for masked support slots: keeps 0·log 0 terms out of autograd.
 _NEG_BIG = -1.0e30
@@ -36,6 +38,10 @@ def _weights(
 ) -> torch.Tensor:
     if teacher_weights is None:
         return torch.full((M,), 1.0 / M, dtype=dtype, device=device)
+    if teacher_weights.numel() != M:
+        raise ValueError(
+            f"teacher_weights must be [{M}] (one per teacher), got {tuple(teacher_weights.shape)}"
+        )
     return teacher_weights.detach().to(device=device, dtype=dtype).reshape(M)
 
 
@@ -44,7 +50,9 @@ def _row_mask(
 ) -> torch.Tensor:
     if row_weights is None:
         return torch.ones(N, dtype=dtype, device=device)
-    return row_weights.detach().to(device=device, dtype=dtype).reshape(N)
+    if row_weights.dim() != 1 or row_weights.shape[0] != N:
+        raise ValueError(f"row_weights must be [{N}] (one per row), got {tuple(row_weights.shape)}")
+    return row_weights.detach().to(device=device, dtype=dtype)
 
 
 def dense_kl_reference(
@@ -55,10 +63,16 @@ def dense_kl_reference(
     teacher_are_logits: bool = False,
 ) -> torch.Tensor:
     """kl [N] (fp32, or fp64 for fp64 logits) = ρ_n Σ_m w_m KL(softmax(z_n) ‖ q_m,n)."""
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
     cdt = _compute_dtype(student_logits)
-    N = student_logits.shape[0]
+    N, V = student_logits.shape
     t = teacher_logprobs.detach()
     t = (t.unsqueeze(0) if t.dim() == 2 else t).to(cdt)
+    if t.dim() != 3 or t.shape[1:] != (N, V):  # no broadcasting of a mis-shaped teacher
+        raise ValueError(
+            f"teacher must be [M, {N}, {V}] or [{N}, {V}], got {tuple(teacher_logprobs.shape)}"
+        )
     M = t.shape[0]
     w = _weights(teacher_weights, M, t.device, cdt)
     rho = _row_mask(row_weights, N, t.device, cdt)
@@ -87,10 +101,20 @@ def topk_kl_reference(
     """Reference top-K KL (see topk_kl_kernel.py for the maths of each mode)."""
     if mode not in ("sparse", "exact", "renorm"):
         raise ValueError(f"mode must be 'sparse', 'exact' or 'renorm', got {mode!r}")
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
     cdt = _compute_dtype(student_logits)
-    N = student_logits.shape[0]
+    N, V = student_logits.shape
+    check_support_ids(support_ids, N, V)
+    support_ids = dedupe_support(support_ids.to(student_logits.device))  # S is a set
+    K = support_ids.shape[1]
     lq = teacher_logprobs_at_support.detach()
     lq = (lq.unsqueeze(0) if lq.dim() == 2 else lq).to(cdt)
+    if lq.dim() != 3 or lq.shape[1:] != (N, K):
+        raise ValueError(
+            f"teacher_logprobs_at_support must be [M, {N}, {K}] or [{N}, {K}], "
+            f"got {tuple(teacher_logprobs_at_support.shape)}"
+        )
     M = lq.shape[0]
     w = _weights(teacher_weights, M, lq.device, cdt)
     W = w.sum()

@@ -18,7 +18,9 @@ keeps log q finite when the teacher's top-K already holds (numerically) all its 
 best option is still to send S as query ids so that nothing needs filling.
 
 Support ids are int64 [N, K]; -1 marks padding (a union has a varying size per row).
-Ids within a row must be unique.
+S is a set: check_support_ids rejects ids outside [-1, V), and dedupe_support keeps the
+first copy of an id repeated within a row and turns later copies into padding, so that
+P_S and the loss count every id once (topk_kl applies both before anything else).
 """
 
 from __future__ import annotations
@@ -58,18 +60,24 @@ def fill_missing_teacher_logprobs(
     teacher_leftover_logmass: torch.Tensor | None = None,  # [M, N] or [N]
     teacher_num_returned: torch.Tensor | int | None = None,  # [M, N] or [N] or int: n_R
     teacher_known: torch.Tensor | None = None,  # bool like the log-probs; False = missing
+    row_weights: torch.Tensor | None = None,  # [N]; rows with weight 0 are never filled
 ) -> torch.Tensor:
     """Apply the fill rule; returns fp32 [M, N, K] with finite values on every valid slot.
 
     A slot is missing where teacher_known is False, or (without teacher_known) where the
     log-prob is NaN. n_R defaults to the number of known valid slots in the row, which is
     right when S contains every id the teacher returned (teacher or union support).
+    A row whose row_weights entry is 0 is masked: its slots are 0, whatever they held
+    (NaN padding included), and never count as missing.
     """
     lp = teacher_logprobs_at_support
     if lp.dim() == 2:
         lp = lp.unsqueeze(0)
     lp = lp.to(torch.float32)
     valid = (support_ids >= 0).unsqueeze(0)  # [1, N, K]
+    if row_weights is not None:
+        live = row_weights.detach().reshape(-1).to(device=valid.device) != 0  # [N]
+        valid = valid & live.view(1, -1, 1)
     known = ~torch.isnan(lp) if teacher_known is None else teacher_known.reshape(lp.shape)
     missing = valid & ~known
     if not bool(missing.any()):  # a host sync; only when the caller passes unfilled data
@@ -87,6 +95,37 @@ def fill_missing_teacher_logprobs(
         n_r = n_r.reshape(-1, lp.shape[1]) if n_r.dim() else n_r.expand(lp.shape[:2])
     fill = _spread(left.exp(), n_r, vocab_size)  # [M, N]
     return torch.where(missing, fill.unsqueeze(-1), torch.where(valid, lp, 0.0))
+
+
+def check_support_ids(support_ids: torch.Tensor, num_rows: int, vocab_size: int) -> None:
+    """Raise ValueError unless support_ids is an integer [num_rows, K] tensor with every entry
+    in [-1, vocab_size) (-1 = padding). One host sync (the min/max), so callers check once."""
+    if support_ids.dtype.is_floating_point or support_ids.dtype == torch.bool:
+        raise ValueError(f"support_ids must be an integer tensor, got {support_ids.dtype}")
+    if support_ids.dim() != 2 or support_ids.shape[0] != num_rows:
+        raise ValueError(f"support_ids must be [{num_rows}, K], got {tuple(support_ids.shape)}")
+    if support_ids.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(support_ids))
+    if lo < -1 or hi >= vocab_size:
+        raise ValueError(
+            f"support_ids must lie in [-1, {vocab_size - 1}] (V = {vocab_size}, -1 = padding), "
+            f"got values in [{lo}, {hi}]"
+        )
+
+
+def dedupe_support(support_ids: torch.Tensor) -> torch.Tensor:
+    """[N, K] int64 -> [N, K] int64 with the same ids in the same slots, except that a
+    repeat of an id already present earlier in its row becomes -1 (padding). No host sync.
+    Slot order is kept, so values aligned with the slots (teacher log-probs) stay aligned."""
+    ids = support_ids.to(torch.int64)
+    if ids.shape[-1] < 2:
+        return ids
+    s, order = ids.sort(dim=-1, stable=True)  # equal ids keep their slot order
+    rep = torch.zeros_like(s, dtype=torch.bool)
+    rep[:, 1:] = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    rep = torch.zeros_like(rep).scatter_(-1, order, rep)  # back to slot order
+    return torch.where(rep, -1, ids)
 
 
 def _spread(leftover_mass: torch.Tensor, n_returned: torch.Tensor, vocab_size: int) -> torch.Tensor:
