@@ -366,10 +366,14 @@ def sparse_to_coo(
     ids: torch.Tensor, vals: torch.Tensor, shape: torch.Size, dtype: torch.dtype
 ) -> torch.Tensor:
     """A sparse COO [N, V] tensor with the N·K values (padding slots dropped)."""
+    ids, order = ids.sort(dim=-1)  # unique ids sorted within sorted rows: coalesced order
+    vals = vals.gather(-1, order)
     keep = ids >= 0
     rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(-1).expand_as(ids)
     index = torch.stack([rows[keep], ids[keep]])
-    return torch.sparse_coo_tensor(index, vals[keep].to(dtype), shape, is_coalesced=True)
+    return torch.sparse_coo_tensor(
+        index, vals[keep].to(dtype), shape, is_coalesced=True, check_invariants=False
+    )
 
 
 class TopKKLFunction(torch.autograd.Function):

@@ -78,7 +78,7 @@ def test_dense_teacher_of_wrong_shape_raises(gen, backend, shape):
 def test_repeated_support_ids_count_once(gen, backend, mode):
     """A row listing an id twice behaves exactly as the row listing it once (the repeat
     becomes padding): same kl, P_S, tail and gradient. P_S stays ≤ 1."""
-    z, ids, lq, t_lp = _topk_problem(gen, K=6)
+    z, ids, _lq, t_lp = _topk_problem(gen, K=6)
     dup = ids.clone()
     dup[:, 4] = dup[:, 1]  # every row repeats its slot-1 id (mass counted twice before)
     dup[0, 5] = dup[0, 1]  # row 0 three times
