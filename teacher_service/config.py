@@ -19,6 +19,7 @@ AUTH_TOKEN_ENV = "HYBRID_DISTILL_AUTH_TOKEN"
 BACKENDS = ("torch", "vllm")
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_CONNECTION_AGE_S = 2_000_000.0  # ~23 days; gRPC's option is int32 milliseconds
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class ServerConfig:
     # Transport and lifecycle.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 30.0
+    # gRPC sends GOAWAY to a connection this old (+-10% jitter, gRPC's), so that clients
+    # reconnect and re-resolve: replicas added by an autoscaler then get load. Streams
+    # still open on it get the grace period, then are cut. 0 = connections live forever.
+    max_connection_age_s: float = 300.0
+    max_connection_age_grace_s: float = 60.0
     # Security: TLS when cert and key are set; mutual TLS when client_ca is also set.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -127,6 +133,14 @@ class ServerConfig:
             raise ValueError(
                 f"--credentials-check-seconds must be > 0, got {self.credentials_check_s}"
             )
+        ages = {
+            "--max-connection-age-seconds": self.max_connection_age_s,
+            "--max-connection-age-grace-seconds": self.max_connection_age_grace_s,
+        }
+        for flag, seconds in ages.items():
+            # gRPC takes int32 milliseconds; NaN fails both comparisons.
+            if not 0 <= seconds <= MAX_CONNECTION_AGE_S:
+                raise ValueError(f"{flag} must be in [0, {MAX_CONNECTION_AGE_S}], got {seconds}")
         for flag, port in (("--grpc-port", self.grpc_port), ("--http-port", self.http_port)):
             if not 0 <= port <= 65535:
                 raise ValueError(f"{flag} must be in [0, 65535], got {port}")
@@ -176,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
     p.add_argument("--grace-seconds", type=float, default=d.grace_seconds)
+    p.add_argument(
+        "--max-connection-age-seconds",
+        type=float,
+        default=d.max_connection_age_s,
+        help="GOAWAY to connections this old so clients re-resolve and rebalance; 0 = never",
+    )
+    p.add_argument(
+        "--max-connection-age-grace-seconds",
+        type=float,
+        default=d.max_connection_age_grace_s,
+        help="how long streams on an aged connection may finish before they are cut",
+    )
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate chain")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM server private key")
     p.add_argument(
@@ -246,6 +272,8 @@ def parse_args(
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_message_bytes=args.max_message_bytes,
             grace_seconds=args.grace_seconds,
+            max_connection_age_s=args.max_connection_age_seconds,
+            max_connection_age_grace_s=args.max_connection_age_grace_seconds,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,

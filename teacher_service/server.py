@@ -241,6 +241,13 @@ async def _start_grpc(
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
+    if config.max_connection_age_s > 0:
+        # GOAWAY to old connections: clients reconnect (and re-resolve), so replicas the
+        # autoscaler adds get load; open streams keep the grace period to finish.
+        options += [
+            ("grpc.max_connection_age_ms", max(1, round(config.max_connection_age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000)),
+        ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
     health = HealthServicer()
