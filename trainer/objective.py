@@ -8,8 +8,10 @@ The estimator (MATH.md § Gradient decomposition), for responses y ~ π_θ:
     G_t^γ   = Σ_{k=t+1}^{T} γ^(k−t) c_k − λ r,   r = Σ_j α_j r_j     (future_returns; k > t only)
 
 with b a baseline that does not depend on the sample's own response (leave-one-out over the
-other samples of its group by default). `kl_coef` (β) scales the KL part of the objective,
-L = β·KL − λ·E[r]: β = 1 is MATH.md's L, β = 0 is pure RL (§ Special cases).
+other samples of its group by default; `group_advantages` lists the kinds, which are
+unbiased and which are not, and how each treats the future KL costs). `kl_coef` (β)
+scales the KL part of the objective, L = β·KL − λ·E[r]: β = 1 is MATH.md's L, β = 0 is
+pure RL (§ Special cases).
 
 Shapes: B sequences (B = number of prompts × G samples per prompt, groups consecutive),
 T padded length, M teachers, J rewards. mask [B, T] is 1 on response tokens, 0 on padding.
@@ -30,7 +32,9 @@ from typing import Literal, NamedTuple
 import torch
 
 Normalisation = Literal["sequence", "token"]
-BaselineKind = Literal["loo", "mean_std", "none"]
+BaselineKind = Literal["loo", "loo_position", "mean_std", "std_position", "none"]
+# Baselines whose estimator keeps E = ∇L (proved by enumeration in test_theorem1.py).
+UNBIASED_BASELINES: tuple[str, ...] = ("loo", "loo_position", "none")
 
 
 def _teacher_stack(x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +124,7 @@ def baseline(
         sample i, so the gradient stays unbiased (MATH.md § Variance reduction).
     "mean_std": offset = group mean, scale = group std + eps (GRPO). The mean includes the
         sample itself and the std rescales, so this is biased; an option, not the default.
+        (hybrid_loss applies it to the reward part only, through `group_advantages`.)
     "none": offset 0, scale 1.
     """
     B = values.shape[0]
@@ -152,6 +157,77 @@ def advantages(
     return a * mask.to(a.dtype)
 
 
+def _loo_mean(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B, ...] -> [B, ...]: the mean of the other G − 1 members of each row's group."""
+    g = x.reshape(x.shape[0] // group_size, group_size, *x.shape[1:])
+    return ((g.sum(1, keepdim=True) - g) / (group_size - 1)).reshape(x.shape)
+
+
+def group_advantages(
+    cost_returns: torch.Tensor,  # [B, T] Σ_{k>t} γ^(k−t) c_k (the future KL part of G_t)
+    reward: torch.Tensor | None,  # [B] combined reward r, or None
+    mask: torch.Tensor,  # [B, T]
+    group_size: int,
+    kind: BaselineKind = "loo",
+    lam: float = 0.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """A [B, T], detached, 0 on padding: the Sparse term's weight on ∇log π(y_t|s_t).
+
+    G_t = cost_returns_t − λ r. For a sample that has ended before t its return there is
+    taken as −λ r (no future costs), so every sample has a return at every t of the
+    padded batch ("extended return" Ĝ); groups are `group_size` consecutive samples.
+
+    Unbiased (the baseline is a function of the *other* samples of the group only, which
+    are independent of this sample's trajectory; proved in test_theorem1.py):
+      "none"          A = G
+      "loo"           A = G − mean_{j≠i} (−λ r_j): the reward part only (the default)
+      "loo_position"  A_t = G_t − mean_{j≠i} Ĝ_t^j: the other samples' returns at the same
+                      position, future costs included; it also removes the (large) mean
+                      of the future-cost sums, which "loo" leaves in (docs/math.md)
+    Biased (labelled so; test_theorem1.py shows the difference):
+      "mean_std"      A_t = cost_returns_t − λ (r − mean_g r) / (std_g r + eps): GRPO's
+                      normalisation of the reward part only (the future costs keep their
+                      scale, and tied rewards give a zero reward part, not ×1/eps)
+      "std_position"  A_t = (Ĝ_t − mean_g Ĝ_t) / (std_g Ĝ_t + eps) per position, over
+                      the group including the sample itself
+    """
+    m = mask.to(cost_returns.dtype)
+    g_cost = torch.where(m != 0, cost_returns.detach(), 0.0)
+    r = (
+        torch.zeros_like(g_cost[:, 0])
+        if reward is None
+        else reward.detach().to(g_cost.dtype).reshape(-1)
+    )
+    v = -lam * r  # [B] reward part of the return
+    ext = g_cost + v.unsqueeze(-1)  # [B, T] Ĝ
+    B = ext.shape[0]
+    if kind == "none":
+        return ext * m
+    if group_size < 1 or B % group_size:
+        raise ValueError(f"batch of {B} is not a whole number of groups of {group_size}")
+    if kind in ("loo", "loo_position", "std_position") and group_size < 2:
+        raise ValueError(f"baseline {kind!r} needs group_size >= 2")
+    if kind == "loo":
+        a = ext - _loo_mean(v, group_size).unsqueeze(-1)
+    elif kind == "loo_position":
+        a = ext - _loo_mean(ext, group_size)
+    elif kind == "mean_std":
+        grp = r.view(-1, group_size)
+        mean = grp.mean(-1, keepdim=True)
+        std = grp.std(-1, unbiased=False, keepdim=True)
+        z = ((grp - mean) / (std + eps)).reshape(B)
+        a = g_cost - lam * z.unsqueeze(-1)
+    elif kind == "std_position":
+        grp = ext.view(-1, group_size, ext.shape[-1])
+        mean = grp.mean(1, keepdim=True)
+        std = grp.std(1, unbiased=False, keepdim=True)
+        a = ((grp - mean) / (std + eps)).reshape(ext.shape)
+    else:
+        raise ValueError(f"unknown baseline kind {kind!r}")
+    return a * m
+
+
 def normalise(
     x: torch.Tensor,  # [B, T] per-token quantity, 0 on padding
     mask: torch.Tensor,  # [B, T]
@@ -161,7 +237,9 @@ def normalise(
     """Scalar: Σ_b w_b Σ_t x_bt / Σ_b w_b ("sequence") or / Σ_b w_b n_b ("token")."""
     m = mask.to(x.dtype)
     w = torch.ones_like(x[:, 0]) if sequence_weights is None else sequence_weights.to(x.dtype)
-    num = (w * (x * m).sum(-1)).sum()
+    # where, not x * m: padding may hold ±inf or NaN (e.g. log π of a pad token), and
+    # inf · 0 = NaN would poison the sum and its gradient.
+    num = (w * torch.where(m != 0, x, 0.0).sum(-1)).sum()
     if normalisation == "sequence":
         return num / w.sum()
     if normalisation == "token":
@@ -178,7 +256,9 @@ def sparse_surrogate(
 ) -> torch.Tensor:
     """Scalar whose gradient is normalise(∇ log π(y_t|s_t) · sg(A_t)). Its value is not a
     loss to read (it is the REINFORCE surrogate); minimise it together with the Dense term."""
-    x = student_token_logprobs * advantages.detach()
+    keep = mask.to(torch.bool)
+    lp = torch.where(keep, student_token_logprobs, 0.0)  # padding may be −inf (see normalise)
+    x = lp * torch.where(keep, advantages.detach(), 0.0)
     return normalise(x, mask, normalisation, sequence_weights)
 
 
@@ -198,21 +278,31 @@ def hybrid_loss(
     baseline_kind: BaselineKind = "loo",
     normalisation: Normalisation = "sequence",
     sequence_weights: torch.Tensor | None = None,  # [B]
+    cost_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """loss = β·normalise(KL_t) + normalise(log π(y_t) · sg(G_t^γ − b)), with β = kl_coef.
 
     Its gradient is the Dense + Sparse estimator of ∇(β·KL − λ·E[r]) (module docstring).
     dense_kl_per_token must be computed with the same teacher weights (row weights = mask).
     With group_size = 1 there is no group to form a baseline from, and "none" is used.
+    baseline_kind: see `group_advantages` (which kinds are unbiased, which are not).
+    cost_clip: when set, each c_t is clipped to [−cost_clip, cost_clip] inside the future
+    returns only (the Dense term and the logged objective are untouched). This bounds the
+    variance of the future-cost sums but changes the estimator: biased unless no |c_t|
+    exceeds the clip (test_theorem1.py shows both).
     Returns (loss, parts): parts are detached scalars for logging.
     """
+    if cost_clip is not None and not cost_clip > 0:
+        raise ValueError(f"cost_clip must be > 0 (or None), got {cost_clip}")
     m = mask.to(student_token_logprobs.dtype)
     r = None if rewards is None else combine_rewards(rewards, reward_weights)
     c = kl_coef * token_costs(student_token_logprobs, teacher_token_logprobs, teacher_weights, m)
-    g = future_returns(c, m, gamma, r, lam)
+    c_ret = c if cost_clip is None else c.clamp(-cost_clip, cost_clip)
+    g_cost = future_returns(c_ret, m, gamma)  # the future-KL part of G_t
     kind: BaselineKind = "none" if group_size < 2 else baseline_kind
     reward_term = torch.zeros_like(m[:, 0]) if r is None else -lam * r.detach().to(m.dtype)
-    adv = advantages(g, m, baseline(reward_term, group_size, kind))
+    g = (g_cost + reward_term.unsqueeze(-1)) * m  # G_t^γ
+    adv = group_advantages(g_cost, r, m, group_size, kind, lam=lam)
 
     dense = normalise(dense_kl_per_token, m, normalisation, sequence_weights)
     sparse = sparse_surrogate(student_token_logprobs, adv, m, normalisation, sequence_weights)

@@ -5,7 +5,8 @@ value after `steps`:
 
     constant  λ(k) = start
     linear    λ(k) = start + (end − start) · min(k / steps, 1)
-    exp       λ(k) = min(end, start · exp(rate · k)),  rate = ln(end / start) / steps if unset
+    exp       λ(k) = start · exp(rate · k), clamped at end (a cap when end > start, a floor
+              when end < start),  rate = ln(end / start) / steps if unset
     cosine    λ(k) = start + (end − start) · (1 − cos(π · min(k / steps, 1))) / 2
 
 Usage: LambdaSchedule("linear", start=0.0, end=1.0, steps=1000)(step) -> float.
@@ -27,9 +28,9 @@ class LambdaSchedule:
 
     kind: ScheduleKind = "constant"
     start: float = 0.0  # λ at step 0 (the constant value for "constant")
-    end: float | None = None  # final value, the cap for "exp"; unused for "constant"
+    end: float | None = None  # final value (cap or floor for "exp"); unused for "constant"
     steps: int | None = None  # ramp length in steps; "exp" may give rate instead
-    rate: float | None = None  # "exp" only: growth per step, ln-units
+    rate: float | None = None  # "exp" only: growth per step, ln-units (< 0 decays)
 
     def __post_init__(self) -> None:
         if self.kind not in ("constant", "linear", "exp", "cosine"):
@@ -43,8 +44,15 @@ class LambdaSchedule:
         if self.kind == "exp":
             if self.start <= 0:
                 raise ValueError("an 'exp' schedule needs start > 0 (it grows geometrically)")
+            if self.end <= 0:
+                raise ValueError("an 'exp' schedule needs end > 0 (it decays geometrically)")
             if self.rate is None and (self.steps is None or self.steps <= 0):
                 raise ValueError("an 'exp' schedule needs rate, or steps > 0")
+            if self.rate is not None and self.rate * (self.end - self.start) < 0:
+                raise ValueError(
+                    f"an 'exp' schedule's rate {self.rate} moves λ away from end {self.end} "
+                    f"(start {self.start}): its sign must be that of end − start"
+                )
         elif self.steps is None or self.steps <= 0:
             raise ValueError(f"a {self.kind!r} schedule needs steps > 0")
 
@@ -68,7 +76,9 @@ class LambdaSchedule:
             rate = self.rate
             if rate is None:
                 rate = math.log(end / self.start) / self.steps  # type: ignore[operator]
-            return min(end, self.start * math.exp(rate * step))
+            value = self.start * math.exp(rate * step)
+            # Clamp towards end: a cap when growing, a floor when decaying (end < start).
+            return min(end, value) if end >= self.start else max(end, value)
         frac = min(step / self.steps, 1.0)  # type: ignore[operator]
         if self.kind == "cosine":
             frac = (1.0 - math.cos(math.pi * frac)) / 2.0

@@ -10,6 +10,7 @@ from trainer.objective import (
     baseline,
     combine_rewards,
     future_returns,
+    group_advantages,
     hybrid_loss,
     normalise,
     sparse_surrogate,
@@ -178,3 +179,85 @@ def test_hybrid_loss_gradient_is_dense_plus_sparse(gen, normalisation):
     torch.testing.assert_close(g_total, g_manual, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(parts["loss"], manual.detach(), atol=1e-5, rtol=1e-4)
     assert set(parts) >= {"dense_kl", "sparse_surrogate", "objective", "reward_mean"}
+
+
+def _group_problem(gen, B=8, T=6, G=4):
+    mask = _padded(gen, B, T)[0]
+    lp = torch.randn(B, T, generator=gen, dtype=DT).requires_grad_(True)
+    kl = torch.rand(B, T, generator=gen, dtype=DT) * mask
+    lq = torch.randn(B, T, generator=gen, dtype=DT) * 3
+    r = torch.randn(B, generator=gen, dtype=DT)
+    return mask, lp, kl, lq, r
+
+
+def _sparse_grad(lp, kl, lq, mask, r, **kw):
+    loss, _ = hybrid_loss(lp, kl, lq, mask, r, **kw)
+    (g,) = torch.autograd.grad(loss, lp)
+    return g
+
+
+def test_mean_std_normalises_only_the_reward_part(gen):
+    """GRPO's mean/std applies to the reward part −λ r; the future KL costs keep their
+    scale. A group whose rewards tie must not multiply the KL part by 1/eps."""
+    B, G, lam = 8, 4, 0.7
+    mask, lp, kl, lq, r = _group_problem(gen, B=B, G=G)
+    r[:G] = r[0]  # the first group's rewards tie
+    got = _sparse_grad(lp, kl, lq, mask, r, gamma=1.0, lam=lam, group_size=G,
+                       baseline_kind="mean_std")  # fmt: skip
+    c = token_costs(lp, lq, None, mask)
+    g_cost = future_returns(c, mask, 1.0)
+    grp = r.view(-1, G)
+    z = (grp - grp.mean(-1, keepdim=True)) / (grp.std(-1, unbiased=False, keepdim=True) + 1e-6)
+    adv = (g_cost - lam * z.reshape(B, 1)) * mask
+    torch.testing.assert_close(got, adv / B, atol=1e-9, rtol=1e-9)
+    assert got[:G].abs().max() < 10 * g_cost.abs().max()  # no 1e6 blow-up
+
+
+def test_hybrid_loss_ignores_minus_inf_on_padding(gen):
+    """A padded position may hold −inf (a log-prob of an impossible pad token) or NaN: the
+    loss and its gradient are those of the clean batch."""
+    mask, lp, kl, lq, r = _group_problem(gen)
+    pad = ~mask.bool()
+    assert pad.any()
+    kw = dict(gamma=0.8, lam=0.5, group_size=4)
+    loss, _ = hybrid_loss(lp, kl, lq, mask, r, **kw)
+    (g,) = torch.autograd.grad(loss, lp)
+    lp2 = torch.where(pad, float("-inf"), lp.detach()).requires_grad_(True)
+    kl2 = torch.where(pad, float("nan"), kl)
+    lq2 = torch.where(pad, float("-inf"), lq)
+    loss2, parts = hybrid_loss(lp2, kl2, lq2, mask, r, **kw)
+    (g2,) = torch.autograd.grad(loss2, lp2)
+    assert torch.isfinite(loss2)
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(g2, g)
+    assert all(torch.isfinite(v) for v in parts.values())
+
+
+def test_position_baselines_match_their_definitions(gen):
+    """loo_position: Ĝ_t^i − mean_{j≠i} Ĝ_t^j; std_position: (Ĝ_t − mean) / (std + eps) over
+    the group at each t; Ĝ_t = future costs + (−λ r), −λ r alone after a sample's end."""
+    B, T, G, lam = 6, 7, 3, 0.8
+    mask, lengths = _padded(gen, B, T)
+    g_cost = torch.randn(B, T, generator=gen, dtype=DT) * mask
+    r = torch.randn(B, generator=gen, dtype=DT)
+    ext = g_cost - lam * r[:, None]
+    want_loo = torch.zeros(B, T, dtype=DT)
+    want_std = torch.zeros(B, T, dtype=DT)
+    for i in range(B):
+        grp = range((i // G) * G, (i // G + 1) * G)
+        for t in range(int(lengths[i])):
+            others = torch.stack([ext[j, t] for j in grp if j != i])
+            want_loo[i, t] = ext[i, t] - others.mean()
+            col = torch.stack([ext[j, t] for j in grp])
+            want_std[i, t] = (ext[i, t] - col.mean()) / (col.std(unbiased=False) + 1e-6)
+    got = group_advantages(g_cost, r, mask, G, "loo_position", lam=lam)
+    torch.testing.assert_close(got, want_loo)
+    torch.testing.assert_close(
+        group_advantages(g_cost, r, mask, G, "std_position", lam=lam), want_std
+    )
+    loo = group_advantages(g_cost, r, mask, G, "loo", lam=lam)
+    torch.testing.assert_close(loo, (ext - baseline(-lam * r, G, "loo").offset[:, None]) * mask)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(g_cost, r, mask, 1, "loo_position", lam=lam)
+    with pytest.raises(ValueError, match="cost_clip"):
+        hybrid_loss(g_cost, g_cost, g_cost, mask, r, cost_clip=0.0)

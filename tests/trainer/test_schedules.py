@@ -64,3 +64,19 @@ def test_validation():
         LambdaSchedule()(-1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         LambdaSchedule().start = 2.0  # type: ignore[misc]
+
+
+def test_exp_decays_to_a_floor(rng):
+    """end < start: geometric decay from start to the floor end (it used to jump to end)."""
+    a, floor, n = rng.uniform(2, 5), rng.uniform(0.05, 1), rng.randint(10, 1000)
+    s = LambdaSchedule("exp", start=a, end=floor, steps=n)
+    assert s(0) == pytest.approx(a) and s(n) == pytest.approx(floor) and s(5 * n) == floor
+    assert s(n // 2) == pytest.approx(math.sqrt(a * floor), rel=1e-2 + 2 / n)
+    vals = [s(k) for k in range(0, 2 * n, max(1, n // 20))]
+    assert vals == sorted(vals, reverse=True)
+    r = LambdaSchedule("exp", start=a, end=floor, rate=-0.1)
+    assert r(3) == pytest.approx(max(floor, a * math.exp(-0.3)))
+    with pytest.raises(ValueError, match="rate"):
+        LambdaSchedule("exp", start=a, end=floor, rate=0.1)  # grows away from end
+    with pytest.raises(ValueError, match="rate"):
+        LambdaSchedule("exp", start=floor, end=a, rate=-0.1)

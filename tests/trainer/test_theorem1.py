@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from trainer.objective import hybrid_loss
+from trainer.objective import UNBIASED_BASELINES, hybrid_loss
 from trainer.ops import dense_kl
 
 V, T, EOS, M, J = 3, 3, 0, 2, 2
@@ -105,6 +105,7 @@ def expected_estimator(
     kl_coef: float = 1.0,
     group_size: int = 1,
     baseline_kind: str = "loo",
+    cost_clip: float | None = None,
 ) -> torch.Tensor:
     """E[∇ hybrid_loss] by enumeration: groups of `group_size` i.i.d. responses, every
     combination weighted by its probability."""
@@ -143,6 +144,7 @@ def expected_estimator(
         group_size=group_size,
         baseline_kind=baseline_kind,  # type: ignore[arg-type]
         sequence_weights=seq_w,
+        cost_clip=cost_clip,
     )
     (grad,) = torch.autograd.grad(loss, pb.theta)
     return grad
@@ -234,3 +236,48 @@ def test_leave_one_out_baseline_keeps_it_unbiased(pb: Problem) -> None:
     torch.testing.assert_close(est, exact, rtol=0, atol=1e-10)
     biased = expected_estimator(pb, gamma=1.0, lam=lam, group_size=2, baseline_kind="mean_std")
     assert (biased - exact).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["loo", "loo_position", "none"])
+@pytest.mark.parametrize("gamma", [1.0, 0.6])
+def test_unbiased_baselines_keep_the_expectation(pb: Problem, kind: str, gamma: float) -> None:
+    """Groups of G = 2 (all 225 pairs), responses of different lengths: a baseline built
+    only from the *other* sample (its reward, or its whole return at the same position,
+    future KL costs included) leaves E[estimator] unchanged: = ∇L at γ = 1, and = the
+    no-baseline expectation at γ < 1."""
+    assert kind in UNBIASED_BASELINES
+    lam = 0.9
+    want = (
+        grad_of(exact_objective(pb, lam), pb)
+        if gamma == 1.0
+        else expected_estimator(pb, gamma=gamma, lam=lam)
+    )
+    est = expected_estimator(pb, gamma=gamma, lam=lam, group_size=2, baseline_kind=kind)
+    torch.testing.assert_close(est, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["mean_std", "std_position"])
+def test_biased_baselines_are_biased(pb: Problem, kind: str) -> None:
+    """GRPO's mean/std of the reward part, and returns standardised per position, change
+    the expectation (they use the sample itself and rescale): labelled biased."""
+    assert kind not in UNBIASED_BASELINES
+    lam = 0.9
+    exact = grad_of(exact_objective(pb, lam), pb)
+    est = expected_estimator(pb, gamma=1.0, lam=lam, group_size=2, baseline_kind=kind)
+    assert (est - exact).abs().max() > 1e-4
+
+
+def test_cost_clip_is_biased_unless_nothing_is_clipped(pb: Problem) -> None:
+    """Clipping c_t in the future returns bounds their variance but is biased; a clip
+    above every |c_t| changes nothing."""
+    lam = 0.9
+    exact = grad_of(exact_objective(pb, lam), pb)
+    with torch.no_grad():
+        lp = pb.theta.log_softmax(-1)
+        c_max = float((pb.w.sum() * lp - (pb.w.view(M, 1, 1) * pb.teacher).sum(0)).abs().max())
+    loose = expected_estimator(pb, gamma=1.0, lam=lam, group_size=2, baseline_kind="loo_position",
+                               cost_clip=c_max + 1.0)  # fmt: skip
+    torch.testing.assert_close(loose, exact, rtol=0, atol=1e-10)
+    tight = expected_estimator(pb, gamma=1.0, lam=lam, group_size=2, baseline_kind="loo_position",
+                               cost_clip=0.25 * c_max)  # fmt: skip
+    assert (tight - exact).abs().max() > 1e-4
