@@ -175,8 +175,11 @@ class SparseConfig:
 
     gamma: float = 0.0
     lam: LambdaSchedule = field(default_factory=LambdaSchedule)
-    baseline: Literal["loo", "mean_std", "none"] = "loo"
+    # loo / loo_position / none are unbiased; mean_std, std_position are biased
+    # (trainer/objective.py group_advantages; test_theorem1.py proves both).
+    baseline: Literal["loo", "loo_position", "mean_std", "std_position", "none"] = "loo"
     normalisation: Literal["sequence", "token"] = "sequence"
+    cost_clip: float | None = None  # clip each c_t in the future returns (biased)
 
 
 @dataclass(frozen=True)
@@ -221,8 +224,11 @@ class TrainConfig:
                 "dense.support 'full' needs full teacher logits: use in-process teachers "
                 "(model_dir), or a top-K support (student, teacher, union) with the service"
             )
-        if self.sparse.baseline == "loo" and self.rollout.group_size < 2:
-            raise ValueError("sparse.baseline 'loo' needs rollout.group_size >= 2")
+        grouped = ("loo", "loo_position", "std_position")
+        if self.sparse.baseline in grouped and self.rollout.group_size < 2:
+            raise ValueError(
+                f"sparse.baseline {self.sparse.baseline!r} needs rollout.group_size >= 2"
+            )
 
 
 # ---------------------------------------------------------------------------------------

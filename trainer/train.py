@@ -310,6 +310,7 @@ def train(config: TrainConfig) -> TrainResult:
                         group_size=ro.group_size,
                         baseline_kind=scfg.baseline,
                         normalisation=scfg.normalisation,
+                        cost_clip=scfg.cost_clip,
                     )
                     (loss / accum).backward()
 
