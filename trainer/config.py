@@ -167,6 +167,9 @@ class DenseConfig:
     mode: Literal["sparse", "exact", "renorm"] = "sparse"
     kl_coef: float = 1.0  # β: weight of the KL part of the objective; 0 = pure RL
     query_student_ids: bool = True  # ask the teacher for log q at the student's top-K ids
+    # Top-K supports: the fused LM-head op from hidden states (no [B·T, V] logits); false =
+    # materialised logits + topk_kl (the unfused path, kept as an option and test oracle).
+    fused: bool = True
 
 
 @dataclass(frozen=True)

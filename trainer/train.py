@@ -58,8 +58,10 @@ from trainer.config import (
 from trainer.metrics import RunLog, plot_metrics
 from trainer.objective import hybrid_loss
 from trainer.ops import build_support, dense_kl, teacher_logprobs_on_support, topk_kl
+from trainer.ops.fused_lm_head import fused_lm_head_topk_kl
 from trainer.rewards import resolve_reward, score_rewards
 from trainer.rollout import Batch, ResponseLogits, sample
+from trainer.student_head import ResponseHidden, lm_head
 from trainer.teacher_source import TeacherOutput, open_teachers
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,20 @@ def dense_term(
         lq = torch.stack([o.full_logprobs.reshape(N, V) for o in outputs])  # [M, N, V]
         kl = dense_kl(logits, lq.to(logits.device), weights, mask)
         return kl, mask.clone(), torch.zeros_like(mask)
+    support, lq = topk_support_and_teacher(N, V, outputs, student_topk, cfg)
+    dev = logits.device
+    res = topk_kl(logits, support.to(dev), lq.to(dev), None, weights, mask, cfg.mode)
+    return res.kl, res.student_mass, res.tail
+
+
+def topk_support_and_teacher(
+    N: int,
+    V: int,
+    outputs: Sequence[TeacherOutput],  # M teachers, rows flattened to N
+    student_topk: torch.Tensor,  # [N, K]
+    cfg: DenseConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(support ids [N, K'] by dense.support, teachers' log q on it [M, N, K'], filled)."""
     t_ids = [o.topk_ids.reshape(N, -1) for o in outputs]  # M × [N, Kt]
     if cfg.support == "student":
         support = student_topk
@@ -151,9 +167,43 @@ def dense_term(
             for ids, o in zip(t_ids, outputs, strict=True)
         ]
     )  # [M, N, K']
-    dev = logits.device
-    res = topk_kl(logits, support.to(dev), lq.to(dev), None, weights, mask, cfg.mode)
-    return res.kl, res.student_mass, res.tail
+    return support, lq
+
+
+def student_terms(
+    out: torch.Tensor,  # [B, T, V] logits, or [B, T, d] hidden states when fused
+    lm: torch.nn.Module,  # the causal LM (its head when fused)
+    batch: Batch,
+    outputs: Sequence[TeacherOutput],
+    weights: torch.Tensor,  # [M] w_m
+    cfg: DenseConfig,
+    fused: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log π(y_t) [B, T], Dense kl [B, T], P_S [N], tail [N]), differentiable in the first two.
+
+    fused: the LM head, the top-K KL and log π(y_t) in one chunked op over V
+    (trainer.ops.fused_lm_head_topk_kl), so no [B·T, V] tensor exists; otherwise from
+    the materialised logits (dense_term + a log-softmax)."""
+    B, T = batch.mask.shape
+    dev = out.device
+    mask = batch.mask.to(dev).reshape(-1)
+    targets = batch.targets.reshape(-1).to(dev)
+    student_topk = batch.student_topk.reshape(B * T, -1)
+    if fused:
+        weight, bias = lm_head(lm)
+        h = out.reshape(B * T, -1)
+        support, lq = topk_support_and_teacher(B * T, weight.shape[0], outputs, student_topk, cfg)
+        res = fused_lm_head_topk_kl(
+            h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype), targets,
+            support.to(dev), lq.to(dev), None, weights, mask, cfg.mode,
+        )  # fmt: skip
+        lp = res.token_logprob.float().reshape(B, T)
+        return lp, res.kl.reshape(B, T), res.student_mass, res.tail
+    logits2d = out.reshape(B * T, -1)
+    kl, mass, tail = dense_term(logits2d, mask, outputs, weights, student_topk, cfg)
+    lp = logits2d.float().gather(-1, targets.view(-1, 1)).squeeze(-1)
+    lp = (lp - torch.logsumexp(logits2d.float(), -1)).reshape(B, T)
+    return lp, kl.reshape(B, T), mass, tail
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -204,7 +254,11 @@ def train(config: TrainConfig) -> TrainResult:
         if run.resume and has_checkpoint(out_dir):
             start_step = load_checkpoint(out_dir, lm, optimizer, scheduler)
             log.info("resumed from %s at step %s", out_dir, start_step)
-        model = distributed.wrap(ResponseLogits(lm), info)  # DDP after loading: rank 0 broadcasts
+        # The fused top-K path needs hidden states, not logits (no [B·T, V] tensor).
+        fused = config.dense.fused and config.dense.support != "full"
+        model = distributed.wrap(  # DDP after loading: rank 0 broadcasts
+            ResponseHidden(lm) if fused else ResponseLogits(lm), info
+        )
 
         use_bf16 = config.student.bf16 and info.device.type == "cuda"
         autocast = (
@@ -253,7 +307,7 @@ def train(config: TrainConfig) -> TrainResult:
                     )
                 lm.train()
                 batch: Batch = rollouts.layout(pad_id)
-                B, T = batch.mask.shape
+                B = batch.mask.shape[0]
 
                 # 2. Teachers start scoring now; rewards and the student forward overlap them.
                 query = (
@@ -275,30 +329,22 @@ def train(config: TrainConfig) -> TrainResult:
                     else contextlib.nullcontext()
                 )
                 with sync:
-                    with autocast():
-                        logits = model(
+                    with autocast():  # logits [B, T, V], or hidden [B, T, d] when fused
+                        out = model(
                             batch.input_ids.to(info.device), batch.positions.to(info.device)
                         )
                     outputs = [p.result() for p in pending]  # the only wait on the teachers
                     waited += sum(p.waited_s for p in pending)
 
-                    # 3. Dense term on the support, then the hybrid loss (Dense + Sparse).
+                    # 3. Dense term on the support and log π(y_t), then the hybrid loss.
                     mask = batch.mask.to(info.device)
-                    logits2d = logits.reshape(B * T, V)
-                    kl, mass, tail = dense_term(
-                        logits2d,
-                        mask.reshape(-1),
-                        outputs,
-                        t_weights,
-                        batch.student_topk.reshape(B * T, -1),
-                        dcfg,
+                    lp, kl, mass, tail = student_terms(
+                        out, lm, batch, outputs, t_weights, dcfg, fused
                     )
-                    lp = logits2d.float().gather(-1, batch.targets.reshape(-1, 1).to(info.device))
-                    lp = (lp.squeeze(-1) - torch.logsumexp(logits2d.float(), -1)).reshape(B, T)
                     lq_tok = torch.stack([o.token_logprobs for o in outputs]).to(info.device)
                     loss, parts = hybrid_loss(
                         lp,
-                        kl.reshape(B, T),
+                        kl,
                         lq_tok,
                         mask,
                         None if rewards is None else rewards.to(info.device),
