@@ -183,7 +183,7 @@ def _dense_kl_bwd_kernel(
         log_p = z - tl.load(lse_ptr + n)
         p = tl.exp(log_p)
         # p == 0 (padding lanes, -inf logits): 0, not 0·inf.
-        g = tl.where(p > 0.0, coef * p * (W * log_p - lq_bar - tl.load(kl_ptr + n)), 0.0)
+        g = coef * p * tl.where(p > 0.0, W * log_p - lq_bar - tl.load(kl_ptr + n), 0.0)
     tl.store(g_ptr + n * stride_gn + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
