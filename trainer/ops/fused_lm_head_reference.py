@@ -41,9 +41,8 @@ def _chunk_logits(
 ) -> torch.Tensor:
     """z[:, v0:v1] in the compute dtype, [N, C]. The matmul runs in the input dtype, as the
     model's LM head would (a bf16 head gives bf16 logits)."""
-    z = h @ weight[v0:v1].T
-    if bias is not None:
-        z = z + bias[v0:v1]
+    w = weight[v0:v1].T
+    z = h @ w if bias is None else torch.addmm(bias[v0:v1], h, w)  # bias in the matmul
     return z.to(cdt)
 
 
@@ -64,20 +63,17 @@ def lse_and_gather(
     """(lse [N], z at ids [N, S] (0 at -1)), both in the compute dtype."""
     cdt = compute_dtype(h)
     N, V = h.shape[0], weight.shape[0]
-    mx = torch.full((N,), float("-inf"), dtype=cdt, device=h.device)
-    s = torch.zeros(N, dtype=cdt, device=h.device)
+    lse = torch.full((N,), float("-inf"), dtype=cdt, device=h.device)
     zg = torch.zeros(ids.shape, dtype=cdt, device=h.device)
     for v0 in range(0, V, chunk):
         v1 = min(V, v0 + chunk)
         z = _chunk_logits(h, weight, bias, v0, v1, cdt)
-        mx_new = torch.maximum(mx, z.max(-1).values)
-        # exp(-inf - finite) = 0 on the first chunk: the running sum starts from nothing.
-        s = s * (mx - mx_new).exp() + (z - mx_new.unsqueeze(-1)).exp().sum(-1)
-        mx = mx_new
+        # The online logsumexp, one chunk at a time: lse ← log(e^lse + Σ_chunk e^z).
+        lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
         local, inside = _in_chunk(ids, v0, v1)
         zg = torch.where(inside, z.gather(1, local), zg)
         del z
-    return mx + s.log(), zg
+    return lse, zg
 
 
 def lm_head_backward(
@@ -109,9 +105,12 @@ def lm_head_backward(
         g.scatter_add_(1, local, torch.where(inside, point, 0.0))
         gm = g.to(weight.dtype)  # the matmuls run in the input dtype, like autograd's
         if dh is not None:
-            dh += (gm @ weight[v0:v1]).to(cdt)
+            if gm.dtype == cdt:
+                dh.addmm_(gm, weight[v0:v1])  # in place, no [N, d] temporary
+            else:
+                dh += (gm @ weight[v0:v1]).to(cdt)
         if dw is not None:
-            dw[v0:v1] = (gm.T @ h.to(weight.dtype)).to(dw.dtype)
+            torch.mm(gm.T, h, out=dw[v0:v1])
         if db is not None:
             db[v0:v1] = g.sum(0).to(db.dtype)
         del g, gm
