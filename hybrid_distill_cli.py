@@ -4,6 +4,7 @@
     hybrid-distill serve --model DIR ...   the teacher service (gRPC + HTTP side port)
     hybrid-distill train --config F ...    a trainer process against a teacher service
     hybrid-distill bench NAME [args]       a benchmark script from benchmarks/
+    hybrid-distill experiment run|report   the methods × tasks × seeds grid (docs/results.md)
 
 Each subcommand's module is imported only when chosen, so `serve` never loads the
 trainer's kernels and `train` never loads a server backend.
@@ -20,14 +21,15 @@ _COMMANDS = {
     "demo": ("trainer.demo.run", "the end-to-end CPU demo"),
     "serve": ("teacher_service.server", "the teacher service"),
     "train": ("trainer.train", "a trainer process"),
+    "experiment": ("trainer.experiment.cli", "the experiment grid (run, report)"),
 }
 _BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"
 
 
 def _usage() -> str:
-    lines = ["usage: hybrid-distill {demo,serve,train,bench} [options]", ""]
-    lines += [f"  {name:<6} {help_}" for name, (_, help_) in _COMMANDS.items()]
-    lines.append("  bench  run benchmarks/bench_NAME.py (hybrid-distill bench --list)")
+    lines = ["usage: hybrid-distill {demo,serve,train,experiment,bench} [options]", ""]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in _COMMANDS.items()]
+    lines.append("  bench      run benchmarks/bench_NAME.py (hybrid-distill bench --list)")
     return "\n".join(lines)
 
 

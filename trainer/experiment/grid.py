@@ -1,0 +1,144 @@
+"""The grid's specification: tasks × methods × seeds, read from a YAML file.
+
+    base: base.yaml            # a trainer config (trainer/config.py), relative to this file
+    steps: 150                 # optimizer steps per run
+    seeds: [0, 1, 2]
+    tasks: [reversal, trace, flawed]
+    eval_prompts: 128          # held-out prompts for the final evaluation
+    warm_steps: 30             # the student's format-only warm start (tasks/teachers.py)
+    train_prompts: 4000
+    methods:                   # name -> dotted trainer-config overrides
+      hybrid_g0: {sparse.lam: 2.0}
+      offline: {kind: offline} # offline distillation (offline.py), not the on-policy loop
+    ablations:                 # optional: more methods, on their own tasks
+      tasks: [reversal]
+      methods:
+        mode_sparse: {from: hybrid_g0, dense.mode: sparse}   # `from` copies a method
+
+A run is (task, method, seed); its directory is <out>/runs/<task>/<method>/seed<k>.
+`runs()` lists them in the order they are run: task by task (every main method and seed
+of the first task, then the next task), then the ablations seed by seed, so that a grid
+stopped early has whole tables (all methods, all seeds) for the tasks it reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.tasks import get_task
+
+_KEYS = {"base", "steps", "seeds", "tasks", "eval_prompts", "warm_steps", "train_prompts",
+         "methods", "ablations"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named variant: `kind` "onpolicy" (trainer.train with `overrides`) or "offline"."""
+
+    name: str
+    overrides: Mapping[str, Any]
+    kind: str = "onpolicy"
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    method: Method
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.method.name}/seed{self.seed}"
+
+    def directory(self, out: Path) -> Path:
+        return out / "runs" / self.task / self.method.name / f"seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    path: Path
+    base: Path
+    steps: int
+    seeds: tuple[int, ...]
+    tasks: tuple[str, ...]
+    methods: tuple[Method, ...]
+    ablation_tasks: tuple[str, ...] = ()
+    ablations: tuple[Method, ...] = ()
+    eval_prompts: int = 128
+    warm_steps: int = 30
+    train_prompts: int = 4000
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def runs(self) -> list[Run]:
+        out = [Run(t, m, s) for t in self.tasks for s in self.seeds for m in self.methods]
+        abl = self.ablation_tasks
+        out += [Run(t, m, s) for s in self.seeds for m in self.ablations for t in abl]
+        return out
+
+    def method(self, name: str) -> Method:
+        for m in (*self.methods, *self.ablations):
+            if m.name == name:
+                return m
+        raise ValueError(f"unknown method {name!r}")
+
+
+def _methods(raw: Mapping[str, Any], known: dict[str, Method], where: str) -> list[Method]:
+    out = []
+    for name, spec in raw.items():
+        spec = dict(spec or {})
+        parent = spec.pop("from", None)
+        kind = spec.pop("kind", None)
+        if parent is not None:
+            if parent not in known:
+                raise ValueError(f"{where}.{name}.from: unknown method {parent!r}")
+            base = known[parent]
+            spec = {**base.overrides, **spec}
+            kind = kind or base.kind
+        kind = kind or "onpolicy"
+        if kind not in ("onpolicy", "offline"):
+            raise ValueError(f"{where}.{name}.kind must be 'onpolicy' or 'offline', got {kind!r}")
+        m = Method(name, spec, kind)
+        known[name] = m
+        out.append(m)
+    return out
+
+
+def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Grid:
+    """Reads a grid file; `overrides` replace top-level keys (e.g. {"steps": 20})."""
+    p = Path(path)
+    raw = {**(yaml.safe_load(p.read_text()) or {}), **(overrides or {})}
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise ValueError(f"{p}: unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}")
+    for key in ("base", "methods", "tasks"):
+        if key not in raw:
+            raise ValueError(f"{p}: missing {key!r}")
+    known: dict[str, Method] = {}
+    methods = _methods(raw["methods"], known, "methods")
+    abl = raw.get("ablations") or {}
+    ablations = _methods(abl.get("methods") or {}, known, "ablations.methods")
+    tasks = tuple(raw["tasks"])
+    for t in (*tasks, *abl.get("tasks", ())):
+        get_task(t)  # raises on an unknown task
+    steps = int(raw.get("steps", 150))
+    if steps < 1:
+        raise ValueError(f"{p}: steps must be >= 1, got {steps}")
+    return Grid(
+        path=p,
+        base=(p.parent / raw["base"]).resolve(),
+        steps=steps,
+        seeds=tuple(int(s) for s in raw.get("seeds", (0,))),
+        tasks=tasks,
+        methods=tuple(methods),
+        ablation_tasks=tuple(abl.get("tasks", ())),
+        ablations=tuple(ablations),
+        eval_prompts=int(raw.get("eval_prompts", 128)),
+        warm_steps=int(raw.get("warm_steps", 30)),
+        train_prompts=int(raw.get("train_prompts", 4000)),
+        raw=raw,
+    )

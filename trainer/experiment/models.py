@@ -1,0 +1,83 @@
+"""The shared artefacts of a grid, built once and cached under <out>/shared/: each task's
+teacher (with its measured reward), the student's format warm start per (task, seed),
+and the prompt files. Built under a lock, marked done atomically, so concurrent grid
+processes build each one exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from trainer.demo.evaluate import evaluate
+from trainer.demo.teacher_pretrain import save_model
+from trainer.experiment.files import locked, write_json
+from trainer.rewards import resolve_reward
+from trainer.tasks import REWARDS, SyntheticTask
+from trainer.tasks.teachers import format_warm_start, train_teacher
+
+EVAL_SEED = 12345  # held-out prompts: a different stream from the training prompts
+
+
+def eval_examples(task: SyntheticTask, n: int) -> list[dict]:
+    rng = random.Random(EVAL_SEED)
+    return [task.make_example(rng) for _ in range(n)]
+
+
+def reward_fns() -> tuple[list, list[float]]:
+    return [resolve_reward(n) for n, _ in REWARDS], [w for _, w in REWARDS]
+
+
+def teacher_dir(shared: Path, task: SyntheticTask, eval_prompts: int) -> Path:
+    """The task's teacher (trained on first use) with teacher_eval.json beside it."""
+    out = shared / "teachers" / task.name
+    if (out / "done.json").is_file():
+        return out
+    with locked(shared / "teachers" / f"{task.name}.lock"):
+        if (out / "done.json").is_file():
+            return out
+        lm = train_teacher(task)
+        save_model(lm, task, out)  # type: ignore[arg-type]  # duck-typed spec
+        fns, ws = reward_fns()
+        metrics = evaluate(lm, eval_examples(task, eval_prompts), fns, ws)
+        write_json(out / "teacher_eval.json", metrics)
+        write_json(out / "done.json", {"task": task.name})
+    return out
+
+
+def teacher_eval(teacher: Path) -> dict[str, float]:
+    return json.loads((teacher / "teacher_eval.json").read_text())
+
+
+def student_init(shared: Path, task: SyntheticTask, seed: int, steps: int) -> Path:
+    """The student's format-only warm start for (task, seed)."""
+    out = shared / "students" / f"{task.name}-seed{seed}"
+    if (out / "done.json").is_file():
+        return out
+    with locked(shared / "students" / f"{task.name}-seed{seed}.lock"):
+        if not (out / "done.json").is_file():
+            lm = format_warm_start(task, seed, steps)
+            save_model(lm, task, out)  # type: ignore[arg-type]
+            write_json(out / "done.json", {"task": task.name, "seed": seed, "steps": steps})
+    return out
+
+
+def prompts_file(shared: Path, task: SyntheticTask, n: int) -> Path:
+    """n training prompts (JSONL, the trainer's data.prompts format)."""
+    out = shared / "prompts" / f"{task.name}-{n}.jsonl"
+    if out.is_file():
+        return out
+    rng = random.Random(1)
+    lines = [json.dumps(task.make_example(rng)) for _ in range(n)]
+    from trainer.experiment.files import write_atomic
+
+    write_atomic(out, "\n".join(lines) + "\n")
+    return out
+
+
+def load_lm(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
