@@ -72,6 +72,9 @@ class ServerConfig:
     gpu_memory_utilization: float = 0.9
     # Transport and lifecycle.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Bytes one ScoreStream may hold (requests read, answers unsent); past it the
+    # server stops reading that stream until the client reads (flow control).
+    max_stream_buffer_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 30.0
     # gRPC sends GOAWAY to a connection this old (+-10% jitter, gRPC's), so that clients
     # reconnect and re-resolve: replicas added by an autoscaler then get load. Streams
@@ -116,6 +119,7 @@ class ServerConfig:
             "--max-queued-tokens": self.max_queued_tokens,
             "--max-client-queued-tokens": self.max_client_queued_tokens,
             "--max-message-bytes": self.max_message_bytes,
+            "--max-stream-buffer-bytes": self.max_stream_buffer_bytes,
             "--max-client-labels": self.max_client_labels,
             "--tensor-parallel-size": self.tensor_parallel_size,
             "--max-failed-batches": self.max_failed_batches,
@@ -189,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    p.add_argument(
+        "--max-stream-buffer-bytes",
+        type=int,
+        default=d.max_stream_buffer_bytes,
+        help="bytes one ScoreStream may hold before the server stops reading it",
+    )
     p.add_argument("--grace-seconds", type=float, default=d.grace_seconds)
     p.add_argument(
         "--max-connection-age-seconds",
@@ -271,6 +281,7 @@ def parse_args(
             tensor_parallel_size=args.tensor_parallel_size,
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_message_bytes=args.max_message_bytes,
+            max_stream_buffer_bytes=args.max_stream_buffer_bytes,
             grace_seconds=args.grace_seconds,
             max_connection_age_s=args.max_connection_age_seconds,
             max_connection_age_grace_s=args.max_connection_age_grace_seconds,

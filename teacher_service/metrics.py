@@ -153,6 +153,18 @@ class Metrics:
             "Open ScoreStream calls.",
             registry=r,
         )
+        self.stream_buffered_bytes = Gauge(
+            "teacher_service_stream_buffered_bytes",
+            "Bytes held for open ScoreStreams: requests read and answers not yet sent "
+            "(each stream is bounded by --max-stream-buffer-bytes).",
+            registry=r,
+        )
+        self.streams_paused = Gauge(
+            "teacher_service_streams_paused",
+            "ScoreStreams whose buffer is full: their requests are not read until the "
+            "client reads answers.",
+            registry=r,
+        )
         self.ready = Gauge(
             "teacher_service_ready",
             "1 when every teacher is loaded and the server is not draining.",

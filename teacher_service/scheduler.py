@@ -247,18 +247,28 @@ class Scheduler:
             self._batches.add(asyncio.create_task(self._compute(batch)))
 
     async def _gather_company(self) -> None:
-        """Waits until a full batch is queued or the oldest sequence waited max_wait_s."""
+        """Waits until a full batch is queued or the oldest sequence waited max_wait_s.
+
+        Every arrival wakes the wait (`_work`), so a batch that fills up leaves at once
+        instead of sleeping out the rest of max_wait_s.
+        """
         cfg = self._config
-        oldest = min(
-            (q[0].enqueued for q in self._queues.values() if q and q[0].queued),
-            default=time.monotonic(),
-        )
-        remaining = cfg.max_wait_s - (time.monotonic() - oldest)
-        full = self._queued_tokens >= cfg.max_batch_tokens or (
-            self._queue_depth >= cfg.max_batch_size
-        )
-        if remaining > 0 and not full:
-            await asyncio.sleep(remaining)
+        while True:
+            oldest = min(
+                (q[0].enqueued for q in self._queues.values() if q and q[0].queued),
+                default=time.monotonic(),
+            )
+            remaining = cfg.max_wait_s - (time.monotonic() - oldest)
+            full = self._queued_tokens >= cfg.max_batch_tokens or (
+                self._queue_depth >= cfg.max_batch_size
+            )
+            if remaining <= 0 or full:
+                return
+            self._work.clear()
+            try:
+                await asyncio.wait_for(self._work.wait(), remaining)
+            except TimeoutError:
+                return
 
     def _take_batch(self) -> list[_Pending]:
         """Deficit round robin over clients until the token or size budget is spent.

@@ -31,6 +31,8 @@ from typing import Any
 
 import grpc
 
+from teacher_service.log_limit import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 # Method-name prefixes that need no token.
@@ -220,6 +222,8 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str | TokenFile) -> None:
         self._tokens = token if isinstance(token, TokenFile) else None
         self._token = token.encode() if isinstance(token, str) else b""
+        # Anyone who reaches the port can make refusals: one line a minute at most.
+        self._refusals = RateLimitedLog(log)
 
     def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
         if details.method.startswith(OPEN_SERVICES):
@@ -237,7 +241,8 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or self._authorized(handler_call_details):
             return handler
-        log.info("refused unauthenticated call to %s", handler_call_details.method)
+        method = handler_call_details.method
+        self._refusals.log(logging.INFO, "refused", "refused unauthenticated call to %s", method)
         return _refusing_handler(handler)
 
 

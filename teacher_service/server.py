@@ -38,9 +38,8 @@ from teacher_service.http import HttpServer, build_app
 from teacher_service.metrics import Metrics
 from teacher_service.scheduler import Scheduler, SchedulerConfig
 from teacher_service.security import BearerAuthInterceptor, TokenFile, server_credentials
-from teacher_service.servicer import HostedTeacher, TeacherServicer, teacher_info
+from teacher_service.servicer import HostedTeacher, TeacherServicer, add_to_server, teacher_info
 from teacher_service.v1 import teacher_pb2 as pb
-from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +202,13 @@ async def start_server(
             metrics.teacher_info.labels(
                 spec.name, meta.model_name, meta.revision, meta.backend
             ).set(1)
-        servicer = TeacherServicer(teachers, config.default_teacher, metrics, server_version())
+        servicer = TeacherServicer(
+            teachers,
+            config.default_teacher,
+            metrics,
+            server_version(),
+            max_stream_buffer_bytes=config.max_stream_buffer_bytes,
+        )
         grpc_server, grpc_port, health = await _start_grpc(config, servicer)
     except BaseException:
         for scheduler in schedulers:
@@ -249,7 +254,7 @@ async def _start_grpc(
             ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000)),
         ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    pb_grpc.add_TeacherServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)  # raw request bytes: the servicer parses them
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -6,20 +6,31 @@ bound that was violated, so a user's mistake never reaches the scheduler or the 
 are decoded, so an oversized tensor is refused without copying it.
 
 Shapes: L = len(token_ids), R = L - start response rows, Q = query ids per row.
+
+Temperature: log-probs are log_softmax(logits / T) over the full vocabulary, computed
+in float32 (the definition vLLM gives prompt log-probs under a temperature). T must lie
+in [MIN_TEMPERATURE, MAX_TEMPERATURE]. Below 1e-2 the distribution is already one-hot
+to float32 precision for any logit gap above ~1, and logits / T overflows float32 near
+T = 1e-37 (then every log-prob is NaN); above 1e2 it is uniform to within 1% for logits
+spanning less than 1: neither end says anything a distillation target needs.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
-from teacher_service.codec import decode, torch_logprob_dtype
-from teacher_service.errors import invalid
+from teacher_service.codec import decode, shape_text, torch_logprob_dtype
+from teacher_service.errors import echo, invalid
 from teacher_service.types import ScoreItem
 from teacher_service.v1 import teacher_pb2 as pb
+
+# The wire carries temperature as float32: compare against the float32 values of the
+# bounds, so that a client sending exactly 0.01 is inside.
+MIN_TEMPERATURE = float(torch.tensor(1e-2, dtype=torch.float32))
+MAX_TEMPERATURE = float(torch.tensor(1e2, dtype=torch.float32))
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +48,7 @@ def resolve_teacher(name: str, hosted: Collection[str], default: str) -> str:
     if not name:
         return default
     if name not in hosted:
-        raise invalid(f"teacher: unknown teacher {name!r}; hosted: {sorted(hosted)}")
+        raise invalid(f"teacher: unknown teacher {echo(name)}; hosted: {sorted(hosted)}")
     return name
 
 
@@ -47,8 +58,8 @@ def validate_request(request: pb.ScoreRequest, info: pb.TeacherInfo) -> ValidReq
     Raises ServiceError(INVALID_ARGUMENT) for: missing or malformed token_ids, an empty
     or too long sequence, ids outside [0, vocab_size), start outside [1, L - 1], top_k
     outside [1, max_top_k], query_ids not int32 [R, Q] with 1 <= Q <= max_query_ids or
-    holding ids outside the vocabulary, a temperature that is not finite and > 0, and
-    an unknown log-prob dtype.
+    holding ids outside the vocabulary, a temperature outside [MIN_TEMPERATURE,
+    MAX_TEMPERATURE] (or NaN), and an unknown log-prob dtype.
     """
     token_ids = _token_ids(request, info)
     length = int(token_ids.shape[0])
@@ -65,8 +76,11 @@ def validate_request(request: pb.ScoreRequest, info: pb.TeacherInfo) -> ValidReq
     temperature = 1.0
     if request.HasField("temperature"):
         temperature = float(request.temperature)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise invalid(f"temperature: {temperature} must be finite and > 0")
+        if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:  # False for NaN too
+            raise invalid(
+                f"temperature: {temperature:g} is out of range; need "
+                f"{MIN_TEMPERATURE:g} <= temperature <= {MAX_TEMPERATURE:g}"
+            )
     logprob_dtype = torch_logprob_dtype(request.logprob_dtype)
     if request.logprob_dtype != pb.DTYPE_UNSPECIFIED and request.logprob_dtype not in set(
         info.logprob_dtypes
@@ -86,11 +100,13 @@ def _token_ids(request: pb.ScoreRequest, info: pb.TeacherInfo) -> torch.Tensor:
     """int32 [L] with 2 <= L <= max_sequence_length and every id in the vocabulary."""
     if not request.HasField("token_ids"):
         raise invalid("token_ids: required (int32 [L] tensor)")
-    shape = list(request.token_ids.shape)
+    shape = request.token_ids.shape
     if len(shape) != 1:
-        raise invalid(f"token_ids.shape: expected 1 dimension [L], got {shape}")
+        raise invalid(f"token_ids.shape: expected 1 dimension [L], got {shape_text(shape)}")
     length = shape[0]
-    if length <= 0:
+    if length < 0:
+        raise invalid(f"token_ids.shape: L = {length} must be >= 0")
+    if length == 0:
         raise invalid(f"token_ids: empty sequence; need 2 <= L <= {info.max_sequence_length}")
     if length > info.max_sequence_length:
         raise invalid(
@@ -110,7 +126,7 @@ def _query_ids(request: pb.ScoreRequest, info: pb.TeacherInfo, rows: int) -> tor
         raise invalid(f"query_ids: teacher {info.name!r} does not support query ids")
     shape = list(request.query_ids.shape)
     if len(shape) != 2:
-        raise invalid(f"query_ids.shape: expected 2 dimensions [R, Q], got {shape}")
+        raise invalid(f"query_ids.shape: expected 2 dimensions [R, Q], got {shape_text(shape)}")
     if shape[0] != rows:
         raise invalid(
             f"query_ids.shape: {shape} must have R = L - start = {rows} rows, got {shape[0]}"

@@ -1,13 +1,17 @@
 """Bad input over real gRPC: INVALID_ARGUMENT naming the field and the bound, never
-INTERNAL, never a crash; oversize messages refused by gRPC; per-request errors on
-ScoreStream that leave the stream open; a hypothesis fuzzer beside a good client.
+INTERNAL, never a crash; echoed values bounded so that the status fits the client's
+metadata limit; oversize messages refused by gRPC; per-request errors on ScoreStream
+that leave the stream open; a duplicate in-flight request id refused; a hypothesis
+fuzzer beside a good client. (Bytes that are no message: test_corrupt_input.py.)
 """
 
 from __future__ import annotations
 
 import math
+import random
+import string
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -19,11 +23,13 @@ from hypothesis import strategies as st
 from teacher_service.codec import decode_result
 from teacher_service.server import ThreadedServer
 from teacher_service.v1 import teacher_pb2 as pb
-from tests.teacher_service.conftest import TINY_VOCAB
+from tests.teacher_service.conftest import TINY_VOCAB, start_thread_server
 from tests.teacher_service.wire import Reference, make_request, random_sequence, stub
 
 MAX_LEN = 256  # tiny model's max_position_embeddings
 MAX_TOP_K = 64
+TEMPERATURE_BOUND = "0.01 <= temperature <= 100"
+MAX_DETAILS = 300  # every refusal below fits in this many characters
 
 
 def _good(gen: torch.Generator) -> pb.ScoreRequest:
@@ -64,6 +70,21 @@ BAD_CASES: list[tuple[str, Callable[[pb.ScoreRequest], None], list[str]]] = [
     ("empty sequence", _ids([]), ["token_ids", "empty", f"{MAX_LEN}"]),
     ("one token", _ids([5]), ["token_ids", "L >= 2"]),
     ("too long", _ids([5] * (MAX_LEN + 1)), ["token_ids", f"{MAX_LEN + 1}", f"{MAX_LEN}"]),
+    (
+        "ids negative length",
+        _tensor("token_ids", pb.DTYPE_INT32, [-3], b""),
+        ["token_ids.shape", "L = -3", ">= 0"],
+    ),
+    (
+        "ids 100000-d",
+        _tensor("token_ids", pb.DTYPE_INT32, [1] * 100_000, b"\0" * 4),
+        ["token_ids.shape", "1 dimension", "(100000 dimensions)"],
+    ),
+    (
+        "ids 2^40 long",
+        _tensor("token_ids", pb.DTYPE_INT32, [2**40], b"\0" * 8),
+        ["token_ids", f"{2**40}", f"{MAX_LEN}"],
+    ),
     ("id >= vocab", _ids([5, 6, TINY_VOCAB]), ["token_ids[2]", f"{TINY_VOCAB}", "[0, 512)"]),
     ("negative id", _ids([5, -1, 7]), ["token_ids[1]", "-1", "[0, 512)"]),
     (
@@ -87,6 +108,7 @@ BAD_CASES: list[tuple[str, Callable[[pb.ScoreRequest], None], list[str]]] = [
     ("top_k 0", _set("top_k", 0), ["top_k", "1 <= top_k", f"{MAX_TOP_K}"]),
     ("top_k too big", _set("top_k", MAX_TOP_K + 1), ["top_k", f"{MAX_TOP_K}"]),
     ("unknown teacher", _set("teacher", "nope"), ["teacher", "nope", "tiny"]),
+    ("20 kB teacher", _set("teacher", "n" * 20_000), ["teacher", "[+19936 chars]", "tiny"]),
     ("query rows", _query(+1, 3), ["query_ids.shape", "R = L - start"]),
     (
         "query 1-d",
@@ -98,10 +120,14 @@ BAD_CASES: list[tuple[str, Callable[[pb.ScoreRequest], None], list[str]]] = [
     ("query id outside", _query(0, 2, TINY_VOCAB + 3), ["query_ids[0,0]", "[0, 512)"]),
     ("unknown dtype", _set("logprob_dtype", 42), ["logprob_dtype", "42"]),
     ("int32 logprobs", _set("logprob_dtype", pb.DTYPE_INT32), ["logprob_dtype", "DTYPE_INT32"]),
-    ("temperature 0", _set("temperature", 0.0), ["temperature", "> 0"]),
-    ("temperature < 0", _set("temperature", -1.0), ["temperature", "> 0"]),
-    ("temperature nan", _set("temperature", math.nan), ["temperature", "finite"]),
-    ("temperature inf", _set("temperature", math.inf), ["temperature", "finite"]),
+    ("temperature 0", _set("temperature", 0.0), ["temperature: 0 ", TEMPERATURE_BOUND]),
+    ("temperature < 0", _set("temperature", -1.0), ["temperature: -1 ", TEMPERATURE_BOUND]),
+    ("temperature nan", _set("temperature", math.nan), ["temperature: nan", TEMPERATURE_BOUND]),
+    ("temperature inf", _set("temperature", math.inf), ["temperature: inf", TEMPERATURE_BOUND]),
+    # 1e-38 once passed ("finite and > 0") and came back as all-NaN log-probs with OK.
+    ("temperature 1e-38", _set("temperature", 1e-38), ["temperature: 1e-38", TEMPERATURE_BOUND]),
+    ("temperature 9e-3", _set("temperature", 9e-3), ["temperature: 0.009", TEMPERATURE_BOUND]),
+    ("temperature 101", _set("temperature", 101.0), ["temperature: 101", TEMPERATURE_BOUND]),
 ]
 
 
@@ -119,6 +145,24 @@ def test_score_refuses_bad_input_naming_field_and_bound(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     for word in words:
         assert word in caught.value.details(), (word, caught.value.details())
+    assert len(caught.value.details()) <= MAX_DETAILS
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.5, 100.0])
+def test_temperature_bounds_are_inclusive(
+    tiny_server: ThreadedServer, tiny_model_dir: Path, temperature: float
+) -> None:
+    """0.01 and 100 are inside (compared as float32, the wire's type), and the rows are
+    log_softmax(logits / T)."""
+    gen = torch.Generator().manual_seed(int(temperature * 1000))
+    ids, start = random_sequence(gen, TINY_VOCAB, min_len=4, max_len=40)
+    channel, client = stub(tiny_server.address)
+    with channel:
+        got = decode_result(client.Score(make_request(ids, start, 4, temperature=temperature)))
+    expected = Reference.load(tiny_model_dir).logprobs(ids, start, temperature)
+    want = expected.gather(1, ids[start:, None])[:, 0]
+    torch.testing.assert_close(got.token_logprobs, want, atol=1e-4, rtol=1e-4)
+    assert bool(torch.isfinite(got.topk_logprobs).all())
 
 
 def test_stream_answers_each_bad_request_and_stays_open(
@@ -156,16 +200,80 @@ def test_stream_answers_each_bad_request_and_stays_open(
             torch.testing.assert_close(got, expected[:, 0], atol=1e-5, rtol=1e-5)
 
 
-def test_duplicate_request_id_in_flight_is_refused(tiny_server: ThreadedServer) -> None:
-    gen = torch.Generator().manual_seed(11)
-    first, second = _good(gen), _good(gen)
-    first.request_id = second.request_id = "same"
-    channel, client = stub(tiny_server.address)
+@pytest.fixture(scope="module")
+def waiting_server(tiny_model_dir: Path) -> Iterator[ThreadedServer]:
+    """Batches of exactly 2 sequences: a lone sequence waits (up to 10 s) for company, so
+    a test decides when a sequence is in flight and when it finishes."""
+    server = start_thread_server(
+        ("tiny", tiny_model_dir), max_batch_size=2, max_wait_s=10.0, max_message_bytes=4 << 20
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_duplicate_request_id_in_flight_is_refused(waiting_server: ThreadedServer) -> None:
+    """A waits in the queue for company; B reuses its id while A is in flight and is
+    refused; C fills A's batch; once A is answered, D may reuse the id (with E)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    sent = {name: _good(gen) for name in "ABCDE"}
+    for name, request_id in zip("ABCDE", ["same", "same", "c", "same", "e"], strict=True):
+        sent[name].request_id = request_id
+    first_answered = threading.Event()
+
+    def requests() -> Iterator[pb.ScoreRequest]:
+        yield from (sent["A"], sent["B"], sent["C"])
+        assert first_answered.wait(timeout=60), "A was never answered"
+        yield from (sent["D"], sent["E"])
+
+    outcomes: list[tuple[str, str, pb.RequestError]] = []
+    channel, client = stub(waiting_server.address)
     with channel:
-        outcomes = [r.WhichOneof("outcome") for r in client.ScoreStream(iter([first, second]))]
-    # The second may arrive after the first finished (then both succeed); when it
-    # arrives while the first is in flight it is refused. Either way nothing is lost.
-    assert len(outcomes) == 2 and "result" in outcomes
+        for response in client.ScoreStream(requests(), timeout=60):
+            kind = response.WhichOneof("outcome")
+            outcomes.append((response.request_id, kind, response.error))
+            if response.request_id == "same" and kind == "result":
+                first_answered.set()
+    same = [(kind, error) for request_id, kind, error in outcomes if request_id == "same"]
+    errors = [error for kind, error in same if kind == "error"]
+    assert [kind for kind, _ in same].count("result") == 2, outcomes  # A and D
+    assert len(errors) == 1, outcomes  # B
+    assert errors[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert errors[0].message == "request_id: 'same' is already in flight on this stream"
+    # The refusal came before A's answer: B was refused while A was in flight.
+    assert [kind for request_id, kind, _ in outcomes][:1] == ["error"]
+    assert sorted(r for r, kind, _ in outcomes if kind == "result") == ["c", "e", "same", "same"]
+
+
+@pytest.mark.parametrize("size", [20_000, 1 << 20], ids=["20kB", "1MiB"])
+def test_echoed_values_are_bounded(waiting_server: ThreadedServer, size: int) -> None:
+    """A huge teacher name or request id comes back cut short with a marker, so the status
+    fits the client's metadata limit (8 KiB) and the client sees INVALID_ARGUMENT."""
+    gen = torch.Generator().manual_seed(size)
+    name = "".join(random.Random(size).choices(string.ascii_letters, k=size))
+    unknown = _good(gen)
+    unknown.teacher = name
+    channel, client = stub(waiting_server.address)
+    with channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.Score(unknown, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        details = caught.value.details()
+        assert details.startswith(f"teacher: unknown teacher {name[:64]!r}...[+{size - 64} chars]")
+        assert len(details) <= MAX_DETAILS
+        # On a stream: the same bound, and a duplicate id of that size is cut short too.
+        held, duplicate, partner = _good(gen), _good(gen), _good(gen)
+        held.request_id = duplicate.request_id = name
+        partner.request_id = "partner"
+        unknown.request_id = "unknown"
+        responses = list(client.ScoreStream(iter([unknown, held, duplicate, partner]), timeout=60))
+    errors = [r.error for r in responses if r.WhichOneof("outcome") == "error"]
+    assert len(responses) == 4 and len(errors) == 2
+    for error in errors:
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert f"...[+{size - 64} chars]" in error.message
+        assert len(error.message) <= MAX_DETAILS
 
 
 def test_oversize_message_is_refused_by_grpc(tiny_server: ThreadedServer) -> None:
@@ -256,6 +364,7 @@ def good_client(tiny_server: ThreadedServer, tiny_model_dir: Path):
     yield client
     client.stop.set()
     client.join(timeout=30)
+    assert not client.is_alive(), "the good client hung (still running 30 s after stop)"
     assert not client.errors, client.errors
     assert client.checked > 0
 
