@@ -242,7 +242,11 @@ def _store_support_kernel(
     tl.store(g_ptr + n * stride_gn + ids, g.to(g_ptr.dtype.element_ty), mask=valid)
 
 
-_exact_bwd_tuned = triton.autotune(configs=_configs((512, 1024, 2048, 4096), (2, 4, 8)), key=["V"])(
+# CUDA: BLOCK_V / num_warps per shape (the support size and mode change register use).
+_topk_fwd_tuned = triton.autotune(
+    configs=_configs((2048, 4096, 8192), (4, 8)), key=["V", "K", "M", "MODE", "LSE_GIVEN"]
+)(_topk_kl_kernel)
+_exact_bwd_tuned = triton.autotune(configs=_configs((1024, 2048, 4096), (4, 8)), key=["V"])(
     _exact_dense_bwd_kernel
 )
 
@@ -293,7 +297,8 @@ def topk_kl_forward(
     block_k = triton.next_power_of_2(max(K, 1))
     if block_k > MAX_BLOCK_K:
         raise ValueError(f"support size K = {K} exceeds {MAX_BLOCK_K}")
-    block = _block_v(V, block_v) if (block_v is not None or not z.is_cuda) else MAX_BLOCK_V
+    tuned = z.is_cuda and block_v is None
+    block = MAX_BLOCK_V if tuned else _block_v(V, block_v)
 
     kl = torch.empty(N, dtype=torch.float32, device=dev)
     mass, tail, lse = torch.empty_like(kl), torch.empty_like(kl), torch.empty_like(kl)
@@ -312,12 +317,17 @@ def topk_kl_forward(
         )  # fmt: skip
         top, r = merge_logsumexp(mx, s)
         lse = top + (r * s).sum(-1).log()
-    _topk_kl_kernel[(N,)](
+    args = (
         z, z.stride(0), ids, lq, w, rho if rho is not None else kl, lse, kl, mass, tail, coef,
         gs, N, V, K, M,
-        MODE=_MODE_ID[mode], HAS_ROW_WEIGHTS=rho is not None, LSE_GIVEN=splits > 1,
-        BLOCK_V=block, BLOCK_K=block_k, num_warps=_num_warps(block),
     )  # fmt: skip
+    meta = dict(MODE=_MODE_ID[mode], HAS_ROW_WEIGHTS=rho is not None, LSE_GIVEN=splits > 1)
+    if tuned:
+        _topk_fwd_tuned[(N,)](*args, **meta, BLOCK_K=block_k)
+    else:
+        _topk_kl_kernel[(N,)](
+            *args, **meta, BLOCK_V=block, BLOCK_K=block_k, num_warps=_num_warps(block)
+        )
     if splits > 1 and rho is not None:
         lse = torch.where(rho != 0, lse, 0.0)
     return TopKKLResult(kl, mass, tail), gs, lse, coef
