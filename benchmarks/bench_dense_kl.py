@@ -124,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="N=8, V=1000, K=8, 1 rep: a smoke run")
+    ap.add_argument("--full", action="store_true", help="N=8192, V=151936 even off CUDA")
     ap.add_argument("--n", type=int, default=None, help="rows (default 8192 on CUDA, 256 CPU)")
     ap.add_argument("--v", type=int, default=None, help="vocabulary (default 151,936 / 32,768)")
     ap.add_argument("--k", type=int, default=64)
@@ -141,8 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         n, v, k, reps = args.n or 8, args.v or 1000, min(args.k, 8), args.reps or 1
     else:
-        n = args.n or (8192 if gpu else 256)
-        v = args.v or (151_936 if gpu else 32_768)
+        n = args.n or (8192 if gpu or args.full else 256)
+        v = args.v or (151_936 if gpu or args.full else 32_768)
         k, reps = args.k, args.reps or (20 if gpu else 5)
     compile_on = not args.no_compile and not args.tiny  # compiling takes minutes on a CPU
     dtype = DTYPES[args.dtype]

@@ -8,6 +8,8 @@ in-process, p50/p99 request latency, and errors.
 
     python benchmarks/bench_service.py                       # ~30M-parameter random model
     python benchmarks/bench_service.py --clients 1,16 --sequences 64 --method score
+    python benchmarks/bench_service.py --preset qwen2.5-0.5b --device cuda \
+        --weight-dtype bfloat16 --clients 16 --json out.json       # the GPU suite's run
 
 The model is a random Llama (teacher_service.random_model) built in a temp directory
 unless --model-dir is given. Goal on a 2-core CPU: 16 clients >= 0.9x in-process; 64
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import json
 import os
 import re
 import statistics
@@ -39,6 +43,13 @@ from teacher_service.random_model import save_random_model
 from teacher_service.types import ScoreItem
 from teacher_service.v1 import teacher_pb2 as pb
 from teacher_service.v1 import teacher_pb2_grpc as pb_grpc
+
+# Shapes of real models, built with random weights (Llama architecture).
+PRESETS: dict[str, dict[str, int]] = {
+    "qwen2.5-0.5b": dict(
+        vocab=151_936, hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -69,8 +80,10 @@ class RunResult:
 class InProcess:
     """The same sequences through a TorchBackend in this process, one big batch."""
 
-    def __init__(self, model_dir: Path, work: Workload) -> None:
-        self._backend = TorchBackend(model_dir)
+    def __init__(
+        self, model_dir: Path, work: Workload, device: str = "cpu", dtype: str = "float32"
+    ) -> None:
+        self._backend = TorchBackend(model_dir, device=device, dtype=dtype)
         self._items = [ScoreItem(ids, work.start, work.top_k) for ids in work.ids]
 
     async def start(self) -> None:
@@ -164,7 +177,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def measure(args: argparse.Namespace, model_dir: Path, work: Workload) -> None:
     """Interleaves in-process and service runs so that both see the same machine load."""
-    baseline = InProcess(model_dir, work)
+    baseline = InProcess(model_dir, work, args.device, args.weight_dtype)
     await baseline.start()
     proc, port = (
         (None, args.port) if args.port else start_server(model_dir, args.server_args.split())
@@ -191,18 +204,44 @@ async def measure(args: argparse.Namespace, model_dir: Path, work: Workload) -> 
     print("| clients | service tokens/s | in-process tokens/s | ratio | p50 latency "
           "| p99 latency | errors |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|")
+    out = []
     for clients, base_s, run in rows:
         rate, base = run.tokens_per_s(work.rows), work.rows / base_s
+        p50, p99 = statistics.median(run.latencies), percentile(run.latencies, 0.99)
         print(
             f"| {clients} | {rate:,.0f} | {base:,.0f} | {rate / base:.2f}x | "
-            f"{statistics.median(run.latencies) * 1000:.0f} ms | "
-            f"{percentile(run.latencies, 0.99) * 1000:.0f} ms | {run.errors} |"
+            f"{p50 * 1000:.0f} ms | {p99 * 1000:.0f} ms | {run.errors} |"
         )
+        out.append({"clients": clients, "service_tokens_per_s": rate,
+                    "in_process_tokens_per_s": base, "ratio": rate / base,
+                    "p50_ms": p50 * 1000, "p99_ms": p99 * 1000, "errors": run.errors})  # fmt: skip
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "benchmark": "bench_service",
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "device": args.device,
+            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else
+            f"CPU ({os.cpu_count()} CPUs)",
+            "config": {k: str(v) for k, v in vars(args).items() if k != "json"},
+            "rows": out,
+        }  # fmt: skip
+        args.json.write_text(json.dumps(report, indent=1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None, help="a real model's shape (random)"
+    )
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    parser.add_argument("--intermediate", type=int, default=None, help="default: 4 x hidden")
+    parser.add_argument("--device", default="cpu", help="torch backend device, both sides")
+    parser.add_argument(
+        "--weight-dtype", choices=["float32", "float16", "bfloat16"], default="float32"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=4)
@@ -221,6 +260,9 @@ def main() -> None:
         "--torch-threads", type=int, default=None, help="for both the server and in-process"
     )
     args = parser.parse_args()
+    for key, value in PRESETS.get(args.preset or "", {}).items():
+        setattr(args, key, value)
+    args.server_args += f" --device {args.device} --dtype {args.weight_dtype}"
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
         args.server_args += f" --torch-threads {args.torch_threads}"
@@ -229,6 +271,7 @@ def main() -> None:
         model_dir = args.model_dir or save_random_model(
             Path(tmp) / "model", args.vocab, hidden=args.hidden, layers=args.layers,
             heads=args.heads, max_positions=max(512, args.length), seed=0,
+            intermediate=args.intermediate, kv_heads=args.kv_heads,
         )  # fmt: skip
         gen = torch.Generator().manual_seed(0)
         work = Workload(

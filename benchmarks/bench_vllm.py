@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import re
@@ -303,6 +304,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--phase", choices=["offline", "backend-cache", "backend-nocache"])
     p.add_argument("--work-file", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     return p.parse_args()
 
 
@@ -361,6 +363,23 @@ def main() -> None:
     print("|---|---:|")
     print(f"| prefix cache off (vLLM default for prompt log-probs) | {off:,.0f} |")
     print(f"| prefix cache read back on (backend default) | {on:,.0f} ({on / off:.2f}x) |")
+    if args.json is not None:
+        out = [
+            {"workload": kind, "offline_rows_per_s": rows / min(times[f"offline {kind}"]),
+             "service_rows_per_s": rows / min(times[f"service {kind}"])}
+            for kind in ("independent", "groups")
+        ]  # fmt: skip
+        for r in out:
+            r["service_over_offline"] = r["service_rows_per_s"] / r["offline_rows_per_s"]
+        report = {
+            "benchmark": "bench_vllm",
+            "device": device_name(),
+            "config": {k: str(v) for k, v in vars(args).items() if k != "json"},
+            "rows": out,
+            "prefix_cache_rows_per_s": {"off": off, "on": on},
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

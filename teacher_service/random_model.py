@@ -46,15 +46,17 @@ def build_config(
     heads: int = 4,
     max_positions: int = 512,
     intermediate: int | None = None,
+    kv_heads: int | None = None,
 ) -> LlamaConfig:
-    """A small Llama config; tie_word_embeddings off so the LM head is its own matrix."""
+    """A small Llama config; tie_word_embeddings off so the LM head is its own matrix.
+    kv_heads < heads gives grouped-query attention (default: heads)."""
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=intermediate or 4 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=max_positions,
         pad_token_id=0,
         bos_token_id=1,
@@ -72,6 +74,8 @@ def save_random_model(
     max_positions: int = 512,
     seed: int = 0,
     init_std: float = 0.5,
+    intermediate: int | None = None,
+    kv_heads: int | None = None,
 ) -> Path:
     """Writes a random model + tokenizer to out_dir and returns the path.
 
@@ -81,7 +85,7 @@ def save_random_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = build_config(vocab_size, hidden, layers, heads, max_positions)
+    config = build_config(vocab_size, hidden, layers, heads, max_positions, intermediate, kv_heads)
     config.initializer_range = init_std
     model = LlamaForCausalLM(config).float().eval()
     model.save_pretrained(out, safe_serialization=True)
