@@ -39,7 +39,7 @@ import torch
 
 from trainer.ops import fused_lm_head_reference as ref
 from trainer.ops.dispatch import Backend, use_triton
-from trainer.ops.topk_support import TopKMode, fill_missing_teacher_logprobs
+from trainer.ops.topk_support import TopKMode, dedupe_support, fill_missing_teacher_logprobs
 
 _MODES = ("sparse", "exact", "renorm")
 _NEG_BIG = -1.0e30  # finite "−inf" for padded slots of the renormalised softmax
@@ -58,14 +58,6 @@ class FusedLMHeadResult(NamedTuple):
     lse: torch.Tensor
     student_mass: torch.Tensor
     tail: torch.Tensor
-
-
-def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
-    """ids [N, K] with every repeat of an id in its row replaced by -1 (first slot kept)."""
-    s, order = ids.sort(dim=-1, stable=True)
-    dup = torch.zeros_like(s, dtype=torch.bool)
-    dup[:, 1:] = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
-    return torch.where(torch.zeros_like(dup).scatter_(1, order, dup), -1, ids)
 
 
 class SupportTerms(NamedTuple):
@@ -233,7 +225,7 @@ def fused_lm_head_topk_kl(
         if row_weights is None
         else row_weights.detach().to(device=dev, dtype=cdt)
     )
-    ids = torch.where((rho != 0).unsqueeze(-1), first_occurrence(ids), -1)
+    ids = torch.where((rho != 0).unsqueeze(-1), dedupe_support(ids), -1)
     lq_shape = tuple(teacher_logprobs_at_support.shape)
     if len(lq_shape) not in (2, 3) or lq_shape[-2:] != tuple(ids.shape):
         raise ValueError(
