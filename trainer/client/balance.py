@@ -1,12 +1,17 @@
-"""Client-side balancing across teacher replicas: least in flight, with cool-downs.
+"""Client-side balancing across teacher replicas: least outstanding work, with cool-downs.
 
-Each request attempt takes a slot on one endpoint and gives it back when the attempt
+Each request attempt takes a slot on one endpoint, weighted by its tokens (the length
+of the sequence: a replica's work grows with it), and gives both back when the attempt
 ends. The policy:
-1. Never an endpoint disabled by the handshake (it serves a different model).
+1. Never an endpoint disabled by the handshake (it serves a different model) or
+   removed because its address left DNS.
 2. While any endpoint is up (not cooling down after a failure), use only those: the
-   one with the fewest attempts in flight below its capacity, ties broken at random so
-   that many clients do not all pile onto the first replica in their lists; when they
-   are all full, wait for a slot rather than spill onto a failed one.
+   one with the fewest tokens in flight below its capacity (then the fewest attempts),
+   ties broken at random so that many clients do not all pile onto the first replica
+   in their lists; when they are all full, wait for a slot rather than spill onto a
+   failed one. Tokens, not request counts: ten short sequences are less work than ten
+   long ones, and a replica that is slower (busier, smaller GPU) keeps more tokens
+   outstanding and so gets fewer new ones.
 3. Avoid the endpoint that just failed this request when any other one qualifies.
 4. When every endpoint is cooling down, take the one whose cool-down ends first: the
    caller's backoff paces the retries, and a replica that came back is found at once.
@@ -32,11 +37,13 @@ class Endpoint:
     """One replica's balancing state (mutated only on the client's event loop)."""
 
     target: str
-    in_flight: int = 0
+    in_flight: int = 0  # attempts
+    tokens: int = 0  # tokens of the attempts in flight
     failures: int = 0  # consecutive
     down_until: float = 0.0  # monotonic seconds
     disabled: str | None = None  # why the handshake excluded it
     verified: bool = False  # Info checked against the expectations
+    removed: bool = False  # its address left DNS: attempts holding it go elsewhere
 
 
 class Balancer:
@@ -67,6 +74,8 @@ class Balancer:
 
         Raises LookupError when every endpoint is disabled.
         """
+        if not self.endpoints:  # DNS lists no replica right now: wait for one
+            return None
         usable = [e for e in self.endpoints.values() if e.disabled is None]
         if not usable:
             reasons = "; ".join(f"{e.target}: {e.disabled}" for e in self.endpoints.values())
@@ -80,8 +89,8 @@ class Balancer:
             if not open_:
                 return None
             pool = [e for e in open_ if e.target != avoid] or open_
-            least = min(e.in_flight for e in pool)
-            return self._rng.choice([e for e in pool if e.in_flight == least])
+            least = min((e.tokens, e.in_flight) for e in pool)
+            return self._rng.choice([e for e in pool if (e.tokens, e.in_flight) == least])
         open_ = [e for e in usable if e.in_flight < self.capacity(e)]
         if not open_:
             return None
@@ -102,8 +111,9 @@ class Balancer:
 
     # -- slots ---------------------------------------------------------------------------
 
-    async def acquire(self, avoid: str | None = None) -> Endpoint:
-        """Takes a slot on the chosen endpoint, waiting while all are full.
+    async def acquire(self, avoid: str | None = None, tokens: int = 1) -> Endpoint:
+        """Takes a slot (and `tokens` of outstanding work) on the chosen endpoint,
+        waiting while all are full.
 
         Raises LookupError when every endpoint is disabled.
         """
@@ -115,30 +125,58 @@ class Balancer:
             self._freed.clear()
             await self._freed.wait()
         endpoint.in_flight += 1
+        endpoint.tokens += tokens
         return endpoint
 
-    def release(self, endpoint: Endpoint) -> None:
-        """Gives back a slot taken by `acquire` and wakes the waiters."""
+    def release(self, endpoint: Endpoint, tokens: int = 1) -> None:
+        """Gives back what `acquire` took (the same `tokens`) and wakes the waiters."""
         endpoint.in_flight -= 1
+        endpoint.tokens -= tokens
+        self._wake()
+
+    def _wake(self) -> None:
         if self._freed is not None:
             self._freed.set()
+
+    # -- membership (re-resolution) ------------------------------------------------------
+
+    def add(self, target: str) -> Endpoint:
+        """A new endpoint (unverified: its handshake runs before its first request)."""
+        endpoint = self.endpoints.get(target)
+        if endpoint is None:
+            endpoint = self.endpoints[target] = Endpoint(target)
+            self._wake()  # a waiter may now have a free slot
+        return endpoint
+
+    def remove(self, target: str) -> Endpoint | None:
+        """Stops picking `target`; attempts holding it still release it normally."""
+        endpoint = self.endpoints.pop(target, None)
+        if endpoint is not None:
+            endpoint.removed = True
+            self._wake()  # waiters re-check (e.g. every endpoint may now be disabled)
+        return endpoint
 
     # -- health --------------------------------------------------------------------------
 
     def mark_failed(self, target: str, at_least_s: float = 0.0) -> None:
         """Starts (or lengthens) a cool-down after a connection failure or drain."""
-        endpoint = self.endpoints[target]
+        endpoint = self.endpoints.get(target)
+        if endpoint is None:  # removed meanwhile: nothing to cool down
+            return
         endpoint.failures += 1
         cooldown = min(self._cap, self._base * 2.0 ** min(endpoint.failures - 1, 60))
         endpoint.down_until = self._clock() + max(cooldown, at_least_s)
 
     def mark_ok(self, target: str) -> None:
-        endpoint = self.endpoints[target]
+        endpoint = self.endpoints.get(target)
+        if endpoint is None:
+            return
         endpoint.failures = 0
         endpoint.down_until = 0.0
 
     def disable(self, target: str, reason: str) -> None:
         """Excludes an endpoint for good and wakes waiters (they may now have to fail)."""
-        self.endpoints[target].disabled = reason
-        if self._freed is not None:
-            self._freed.set()
+        endpoint = self.endpoints.get(target)
+        if endpoint is not None:
+            endpoint.disabled = reason
+        self._wake()

@@ -11,6 +11,13 @@ One request, one result, whatever happens to the replicas:
       -> anything else                 : raised (TeacherRequestError)
     all of it inside the request's deadline (TeacherDeadlineError past it).
 
+Replicas: a dns:///name:port endpoint is resolved by the client (replicas.py), one
+connection per address, again every `resolve_interval_s`. New addresses join the
+balancer (their handshake runs before their first request); a vanished address takes
+no new requests, its stream finishes what it carries and its channel closes. When a
+connection ages out (the server's GOAWAY) the endpoint's stream is retired the same
+way and the next request opens a stream on a fresh connection.
+
 Exactly once: only one attempt of a request is awaited at a time, the caller's result
 is set by the single retry loop below, and answers arriving for an abandoned attempt
 are dropped by the stream (or re-attached when the same id is retried on that stream).
@@ -31,7 +38,8 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import grpc
 import torch
@@ -50,8 +58,9 @@ from trainer.client.errors import (
     status_from_int,
 )
 from trainer.client.handshake import Expectation, check, select_teacher
+from trainer.client.replicas import Membership
 from trainer.client.retry import FATAL_STREAM_CODES, backoff_delay, is_retryable
-from trainer.client.stream import EndpointStream, call_metadata, make_channel
+from trainer.client.stream import EndpointStream, call_metadata, make_channel, watch_connection
 from trainer.client.types import ClientConfig, ScoreSpec, TeacherInfo, TeacherScores
 from trainer.client.wire import build_request, decode_scores
 
@@ -66,8 +75,10 @@ class AsyncTeacherClient:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
+        self._members = Membership(config.endpoints, config.resolver)
+        self._authority: dict[str, str | None] = {}  # target -> name it answers to
         self._balancer = Balancer(
-            config.endpoints,
+            (),  # filled by the first refresh (in connect)
             config.max_in_flight,
             cooldown_base_s=config.backoff_base_s,
             cooldown_max_s=config.backoff_max_s,
@@ -78,6 +89,9 @@ class AsyncTeacherClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._streams: dict[str, EndpointStream] = {}
         self._winding_down: set[EndpointStream] = set()  # retired, not yet finished
+        self._tasks: set[asyncio.Task[None]] = set()  # watchers, refresh loop, closes
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._refresher: asyncio.Task[None] | None = None
         self._expect = Expectation()
         self._info: TeacherInfo | None = None
         self._connect_lock: asyncio.Lock | None = None
@@ -107,6 +121,8 @@ class AsyncTeacherClient:
             endpoint.verified = False
         errors: dict[str, str] = {}
         for retry in range(self.config.max_retries + 1):
+            errors.update(await self._refresh())
+            self._start_refresher()
             targets = list(self._balancer.endpoints)
             outcomes = await asyncio.gather(
                 *(self._fetch_info(t) for t in targets), return_exceptions=True
@@ -127,9 +143,11 @@ class AsyncTeacherClient:
             if infos:
                 for info in infos:
                     check(info, self._expect, infos[0])
-                    self._balancer.endpoints[info.endpoint].verified = True
+                    if (endpoint := self._balancer.endpoints.get(info.endpoint)) is not None:
+                        endpoint.verified = True
                 for target, error in errors.items():
-                    if not self._balancer.endpoints[target].verified:
+                    endpoint = self._balancer.endpoints.get(target)
+                    if endpoint is not None and not endpoint.verified:
                         log.warning(
                             "teacher endpoint %s unreachable at connect (%s); "
                             "it is checked before its first request",
@@ -244,17 +262,18 @@ class AsyncTeacherClient:
         self, request: pb.ScoreRequest, spec: ScoreSpec, history: list[str]
     ) -> TeacherScores:
         avoid: str | None = None
+        tokens = int(spec.token_ids.shape[0])  # a replica's work grows with L
         for retry in range(self.config.max_retries + 1):
             if self._closed:  # e.g. closed while this request slept in backoff
                 raise TeacherError(f"request {request.request_id}: the client was closed")
             try:
-                endpoint = await self._balancer.acquire(avoid)
+                endpoint = await self._balancer.acquire(avoid, tokens)
             except LookupError as error:
                 raise HandshakeError(str(error)) from None
             try:
                 outcome = await self._attempt(endpoint, request)
             finally:
-                self._balancer.release(endpoint)
+                self._balancer.release(endpoint, tokens)
             if isinstance(outcome, pb.ScoreStreamResponse):
                 self._balancer.mark_ok(endpoint.target)
                 return decode_scores(outcome, spec, endpoint.target)
@@ -302,6 +321,10 @@ class AsyncTeacherClient:
             failure = await self._verify(endpoint)
             if failure is not None:
                 return failure
+        if endpoint.removed:  # its address left DNS while this attempt waited
+            return AttemptFailure(
+                grpc.StatusCode.UNAVAILABLE, "replica left DNS", connection_lost=True
+            )
         try:
             future = self._stream(endpoint.target).send(request)
             response = await asyncio.shield(future)  # a cancelled waiter leaves the entry
@@ -319,8 +342,75 @@ class AsyncTeacherClient:
     def _channel(self, target: str) -> grpc.aio.Channel:
         channel = self._channels.get(target)
         if channel is None:
-            channel = self._channels[target] = make_channel(target, self.config)
+            authority = self._authority.get(target)
+            channel = self._channels[target] = make_channel(target, self.config, authority)
+            self._watchers[target] = self._spawn(
+                watch_connection(channel, lambda: self._connection_lost(target)),
+                f"teacher-connection-{target}",
+            )
         return channel
+
+    def _connection_lost(self, target: str) -> None:
+        """The channel left READY (GOAWAY, e.g. the server's maximum connection age):
+        the stream on the old connection finishes what it carries and half-closes."""
+        stream = self._streams.get(target)
+        if stream is not None:
+            stream.retire()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- replicas ------------------------------------------------------------------------
+
+    async def _refresh(self) -> dict[str, str]:
+        """Resolves the dns:/// endpoints and applies the change; returns the errors."""
+        change = await self._members.refresh()
+        for target, authority in change.added.items():
+            self._authority[target] = authority
+            self._balancer.add(target)
+        for target in change.removed:
+            self._retire(target)
+        return change.errors
+
+    def _start_refresher(self) -> None:
+        if self._refresher is None and self._members.resolves and not self._closed:
+            self._refresher = self._spawn(self._refresh_forever(), "teacher-resolve")
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resolve_interval_s)
+            try:
+                await self._refresh()
+            except Exception:  # never let a resolver bug stop re-resolution for good
+                log.exception("re-resolving the teacher endpoints failed")
+
+    def _retire(self, target: str) -> None:
+        """Takes `target` out of rotation; closes its channel once its stream is done."""
+        self._balancer.remove(target)
+        stream = self._streams.pop(target, None)
+        if stream is not None and not stream.finished:
+            stream.retire()  # what it carries finishes (or fails over if it dies)
+            self._winding_down.add(stream)
+            stream.when_finished(lambda: self._stream_done(stream, target))
+        else:
+            self._close_channel_if_unused(target)
+
+    def _stream_done(self, stream: EndpointStream, target: str) -> None:
+        self._winding_down.discard(stream)
+        self._close_channel_if_unused(target)
+
+    def _close_channel_if_unused(self, target: str) -> None:
+        if target in self._balancer.endpoints or target in self._streams or self._closed:
+            return  # back in DNS meanwhile, or close() handles it
+        channel = self._channels.pop(target, None)
+        watcher = self._watchers.pop(target, None)
+        if watcher is not None:
+            watcher.cancel()
+        if channel is not None:
+            self._spawn(channel.close(), f"teacher-close-{target}")
 
     def _stream(self, target: str) -> EndpointStream:
         """The endpoint's live stream, opening a new one after the last one broke."""
@@ -342,7 +432,9 @@ class AsyncTeacherClient:
         return stream
 
     def _stream_broken(self, target: str, failure: AttemptFailure) -> None:
-        if failure.code not in FATAL_STREAM_CODES:
+        # A connection cut at the server's maximum age is routine, not a sick replica.
+        aged_out = "max connection age" in failure.message
+        if failure.code not in FATAL_STREAM_CODES and not aged_out:
             self._balancer.mark_failed(target, failure.retry_after_s)
 
     def _delay(self, retry: int, retry_after_s: float) -> float:
@@ -359,6 +451,11 @@ class AsyncTeacherClient:
         self._streams, self._winding_down = {}, set()
         for stream in streams:
             await stream.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            if not task.get_name().startswith("teacher-close-"):
+                task.cancel()  # watchers and the refresh loop; channel closes finish
+        await asyncio.gather(*tasks, return_exceptions=True)
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()

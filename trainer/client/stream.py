@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 Metadata = Sequence[tuple[str, str]]
 
 
-def make_channel(target: str, config: ClientConfig) -> grpc.aio.Channel:
-    """An aio channel to `target` with the config's TLS, message limits and keepalive."""
+def make_channel(
+    target: str, config: ClientConfig, authority: str | None = None
+) -> grpc.aio.Channel:
+    """An aio channel to `target` with the config's TLS, message limits and keepalive.
+
+    `authority` ("name:port") is the name the replica answers to when `target` is one
+    of its resolved addresses: sent as HTTP/2 :authority and, with TLS, the name its
+    certificate is checked against (unless `tls.server_name` says otherwise).
+    """
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -50,17 +57,39 @@ def make_channel(target: str, config: ClientConfig) -> grpc.aio.Channel:
             ("grpc.keepalive_timeout_ms", int(max(1.0, config.keepalive_s / 2) * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
+    if authority is not None:
+        options.append(("grpc.default_authority", authority))
     tls = config.tls
     if tls is None:
         return grpc.aio.insecure_channel(target, options=options)
-    if tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    if tls.server_name or authority is not None:
+        host = authority.rpartition(":")[0].strip("[]") if authority is not None else ""
+        options.append(("grpc.ssl_target_name_override", tls.server_name or host))
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca_cert.read_bytes() if tls.ca_cert else None,
         private_key=tls.client_key.read_bytes() if tls.client_key else None,
         certificate_chain=tls.client_cert.read_bytes() if tls.client_cert else None,
     )
     return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+async def watch_connection(channel: grpc.aio.Channel, on_lost: Callable[[], None]) -> None:
+    """Calls `on_lost` each time `channel` leaves READY; runs until cancelled.
+
+    A channel leaves READY when its connection ends or receives GOAWAY - which is what
+    a server's maximum connection age sends. Streams already open keep running on the
+    old connection for the server's grace period, then are cut; a new stream goes over
+    a new connection. So the client retires its stream at once (it finishes what it
+    carries, then half-closes) and opens the next one on the new connection, instead
+    of losing the requests still on it when the grace period ends.
+    """
+    state = channel.get_state(try_to_connect=False)
+    while True:
+        await channel.wait_for_state_change(state)
+        new = channel.get_state(try_to_connect=False)
+        if state == grpc.ChannelConnectivity.READY and new != grpc.ChannelConnectivity.READY:
+            on_lost()
+        state = new
 
 
 def call_metadata(config: ClientConfig) -> tuple[tuple[str, str], ...]:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.client.resolve import Resolver, getaddrinfo_resolver, parse_dns_target
+
 LOGPROB_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -47,9 +49,12 @@ class ClientConfig:
     """Everything the teacher client needs; built once by the trainer.
 
     Attributes:
-        endpoints: replica addresses, "host:port" or any gRPC target ("dns:///name:port").
-            Requests are balanced across them (least in flight) and fail over between
-            them. Each endpoint is one HTTP/2 connection carrying one ScoreStream.
+        endpoints: replica addresses, "host:port" or any gRPC target. A
+            "dns:///name:port" endpoint (e.g. a headless Service) is resolved by the
+            client into one endpoint per address, again every `resolve_interval_s`.
+            Requests are balanced across endpoints (least tokens in flight) and fail
+            over between them. Each endpoint is one HTTP/2 connection carrying one
+            ScoreStream.
         teacher: hosted teacher name; "" means the server's default teacher.
         client_id: sent as metadata `x-client-id` (the server's fairness key and metric
             label); None lets the server use the peer address.
@@ -66,6 +71,11 @@ class ClientConfig:
             connections; None disables it (the server must permit the interval, else it
             closes the connection with too_many_pings).
         max_message_bytes: largest gRPC message sent or received.
+        resolver: host -> its addresses, for dns:/// endpoints; the default asks the
+            system resolver (getaddrinfo: every A and AAAA record).
+        resolve_interval_s: how often dns:/// endpoints are resolved again: new
+            addresses get connections (and load), vanished ones are retired once their
+            requests are answered.
     """
 
     endpoints: tuple[str, ...]
@@ -80,6 +90,8 @@ class ClientConfig:
     max_in_flight: int = 256
     keepalive_s: float | None = None
     max_message_bytes: int = 256 * 1024 * 1024
+    resolver: Resolver = getaddrinfo_resolver
+    resolve_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if isinstance(self.endpoints, str):
@@ -103,6 +115,13 @@ class ClientConfig:
             raise ValueError(f"ClientConfig.keepalive_s must be > 0, got {self.keepalive_s}")
         if self.token is not None and not self.token:
             raise ValueError("ClientConfig.token must not be empty (use None for no token)")
+        for endpoint in self.endpoints:
+            parse_dns_target(endpoint)  # raises ValueError naming a malformed dns: target
+        if not (math.isfinite(self.resolve_interval_s) and self.resolve_interval_s > 0):
+            raise ValueError(
+                f"ClientConfig.resolve_interval_s must be finite and > 0, got "
+                f"{self.resolve_interval_s}"
+            )
 
 
 @dataclass(frozen=True)
