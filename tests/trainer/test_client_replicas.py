@@ -27,14 +27,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.pki import make_pki
 from tests.trainer.client_fixtures import (  # noqa: F401
     ReferenceModel,
     ServerProcess,
     assert_matches_reference,
     model_dir,
     random_specs,
+    thread_server,
 )
-from trainer.client import ClientConfig, ScoreSpec, TeacherClient, TeacherScores
+from trainer.client import (
+    ClientConfig,
+    ScoreSpec,
+    TeacherClient,
+    TeacherScores,
+    TeacherUnavailableError,
+    TlsOptions,
+)
 from trainer.client.balance import Balancer
 from trainer.client.replicas import Membership
 from trainer.client.resolve import getaddrinfo_resolver, parse_dns_target
@@ -162,6 +171,37 @@ def test_removed_endpoint_is_not_picked_and_an_added_one_is(seed: int) -> None:
     balancer.remove("b:1")
     balancer.remove("c:1")
     assert balancer.pick() is None  # no replica listed: wait for the next resolution
+
+
+@pytest.mark.parametrize("certified", [True, False], ids=["name-in-cert", "other-name"])
+def test_tls_checks_the_resolved_name_not_the_address(
+    model_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    gen: torch.Generator,
+    certified: bool,
+) -> None:
+    """Dialled by IP, a replica's certificate is checked against the DNS name."""
+    pki = make_pki(tmp_path, server_name="teacher.internal")
+    server = thread_server(model_dir, tls_cert=pki.server_cert, tls_key=pki.server_key)
+    name = "teacher.internal" if certified else "impostor.internal"
+    resolver = ListResolver(name, ["127.0.0.1"])
+    config = ClientConfig(
+        endpoints=(f"dns:///{name}:{server.grpc_port}",),
+        tls=TlsOptions(ca_cert=pki.ca_cert),
+        resolver=resolver,
+        max_retries=1,
+        backoff_max_s=0.1,
+    )
+    try:
+        with TeacherClient(config) as client:
+            if certified:
+                spec = random_specs(gen, 1, max_len=24)[0]
+                assert client.score_batch([spec])[0].endpoint == f"127.0.0.1:{server.grpc_port}"
+            else:
+                with pytest.raises(TeacherUnavailableError, match="no teacher endpoint answered"):
+                    client.connect()
+    finally:
+        server.stop()
 
 
 # -- end to end: three replicas, a fourth added, one leaving DNS, one killed -------------
