@@ -1,8 +1,11 @@
 """The HTTP side port: liveness, readiness and Prometheus metrics (FastAPI + uvicorn).
 
-    GET /healthz  200 while the process runs its event loop (liveness)
-    GET /readyz   200 when every teacher is loaded and the server is not draining,
-                  503 otherwise (readiness: the load balancer stops sending work)
+    GET /healthz  200 while the event loop runs and every backend can serve; 503 with
+                  the reason when one cannot (a dead vLLM engine, a streak of failed
+                  batches): liveness, so the kubelet restarts the pod
+    GET /readyz   200 when every teacher is loaded, healthy and the server is not
+                  draining, 503 with the reason otherwise (readiness: the load
+                  balancer stops sending work)
     GET /metrics  Prometheus text exposition of the service's registry
 
 It runs in the gRPC server's own event loop (`HttpServer.start`), so a wedged loop
@@ -28,22 +31,27 @@ def build_app(
     ready: Callable[[], tuple[bool, str]],
     registry: CollectorRegistry,
     before_scrape: Callable[[], None] | None = None,
+    live: Callable[[], tuple[bool, str]] | None = None,
 ) -> FastAPI:
     """The side-port app.
 
     Args:
         ready: returns (is_ready, reason); the reason is the /readyz body.
+        live: returns (is_alive, reason) for /healthz; None: alive while serving.
         registry: the metrics registry to expose.
         before_scrape: refreshes gauges that are sampled, not pushed (GPU memory).
     """
     app = FastAPI(title="teacher-service side port", docs_url=None, redoc_url=None)
 
+    # Probes are `async def`: they run on the event loop itself (a sync endpoint would
+    # go through a thread pool), so their latency is the loop's responsiveness.
     @app.get("/healthz")
-    def healthz() -> Response:
-        return Response("ok\n", media_type="text/plain")
+    async def healthz() -> Response:
+        ok, reason = live() if live is not None else (True, "ok")
+        return Response(f"{reason}\n", status_code=200 if ok else 503, media_type="text/plain")
 
     @app.get("/readyz")
-    def readyz() -> Response:
+    async def readyz() -> Response:
         ok, reason = ready()
         return Response(f"{reason}\n", status_code=200 if ok else 503, media_type="text/plain")
 

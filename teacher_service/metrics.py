@@ -178,13 +178,14 @@ class Metrics:
         )
         self.gpu_memory_used = Gauge(
             "teacher_service_gpu_memory_used_bytes",
-            "GPU memory in use by this process (torch allocator); 0 on CPU.",
+            "GPU memory in use on each visible device, by every process (NVML: the vLLM "
+            "engine's processes included); absent without a GPU.",
             ["device"],
             registry=r,
         )
         self.gpu_memory_total = Gauge(
             "teacher_service_gpu_memory_total_bytes",
-            "Total memory of each visible GPU; absent on CPU.",
+            "Total memory of each visible GPU (NVML); absent without a GPU.",
             ["device"],
             registry=r,
         )

