@@ -7,6 +7,7 @@
     eval_prompts: 128          # held-out prompts for the final evaluation
     warm_steps: 30             # the student's format-only warm start (tasks/teachers.py)
     train_prompts: 4000
+    teacher_steps: 300         # optional: override every task's teacher training length
     methods:                   # name -> dotted trainer-config overrides
       hybrid_g0: {sparse.lam: 2.0}
       offline: {kind: offline} # offline distillation (offline.py), not the on-policy loop
@@ -33,7 +34,7 @@ import yaml
 from trainer.tasks import get_task
 
 _KEYS = {"base", "steps", "seeds", "tasks", "eval_prompts", "warm_steps", "train_prompts",
-         "methods", "ablations"}  # fmt: skip
+         "teacher_steps", "methods", "ablations"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Grid:
     eval_prompts: int = 128
     warm_steps: int = 30
     train_prompts: int = 4000
+    teacher_steps: int | None = None  # None: each task's own (tasks/base.py)
     raw: Mapping[str, Any] = field(default_factory=dict)
 
     def runs(self) -> list[Run]:
@@ -140,5 +142,6 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
         eval_prompts=int(raw.get("eval_prompts", 128)),
         warm_steps=int(raw.get("warm_steps", 30)),
         train_prompts=int(raw.get("train_prompts", 4000)),
+        teacher_steps=None if raw.get("teacher_steps") is None else int(raw["teacher_steps"]),
         raw=raw,
     )

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from trainer.demo.evaluate import evaluate
 from trainer.demo.teacher_pretrain import save_model
-from trainer.experiment.files import locked, write_json
+from trainer.experiment.files import locked, write_atomic, write_json
 from trainer.rewards import resolve_reward
 from trainer.tasks import REWARDS, SyntheticTask
 from trainer.tasks.teachers import format_warm_start, train_teacher
@@ -45,7 +45,7 @@ def teacher_dir(shared: Path, task: SyntheticTask, eval_prompts: int) -> Path:
         fns, ws = reward_fns()
         metrics = evaluate(lm, eval_examples(task, eval_prompts), fns, ws)
         write_json(out / "teacher_eval.json", metrics)
-        write_json(out / "done.json", {"task": task.name})
+        write_json(out / "done.json", {"task": task.name, "teacher_steps": task.teacher_steps})
     return out
 
 
@@ -73,8 +73,6 @@ def prompts_file(shared: Path, task: SyntheticTask, n: int) -> Path:
         return out
     rng = random.Random(1)
     lines = [json.dumps(task.make_example(rng)) for _ in range(n)]
-    from trainer.experiment.files import write_atomic
-
     write_atomic(out, "\n".join(lines) + "\n")
     return out
 

@@ -110,7 +110,7 @@ def train_offline(config: TrainConfig, off: OfflineConfig) -> OfflineResult:
         history.append(
             {
                 "loss": float(loss.detach()),
-                "forward_kl": float((fkl * tb.mask).sum() / tb.mask.sum().clamp_min(1.0)),
+                "forward_kl": float((fkl.detach() * tb.mask).sum() / tb.mask.sum().clamp_min(1.0)),
                 "reward": float((weights.unsqueeze(-1) * r).sum(0).mean()),
                 "kl_sampled": float(c.sum() / n_tok),
                 "response_len": float(n_tok) / sb.mask.shape[0],

@@ -10,7 +10,10 @@ Per (task, method), over the seeds that finished (mean ± sample std, n = seeds)
 - teacher tokens to 95 %: the tokens the teacher scored (on-policy) or generated
   (offline) up to that step; pure RL needs none (its gradient does not use the teacher);
 - final reward, greedy accuracy and KL: the held-out evaluation at the end (reward of
-  temperature-1 samples; exact full-vocabulary per-token KL(student ‖ teacher) on them).
+  temperature-1 samples; exact full-vocabulary per-token KL(student ‖ teacher) on them);
+- response length and KL per sequence (length × the sampled-token KL estimate) over the
+  last `window` training steps: a per-token KL can rise while the per-sequence KL, the
+  quantity the objective sums, falls (responses cut short; docs/results.md).
 
 Writes <out>/results.{csv,json,md} and <out>/plots/<task>_reward_vs_{step,tokens}.png.
 """
@@ -61,6 +64,15 @@ def reach(record: dict[str, Any], target: float = TARGET) -> tuple[int | None, f
     return None, None
 
 
+def _tail_mean(record: dict[str, Any], key: str, window: int = WINDOW) -> float:
+    rows = record["history"][-window:]
+    if key == "kl_seq":
+        vals = [h["kl_sampled"] * h["response_len"] for h in rows if "kl_sampled" in h]
+    else:
+        vals = [h[key] for h in rows if key in h]
+    return statistics.fmean(vals) if vals else math.nan
+
+
 def _ms(xs: list[float]) -> tuple[float, float]:
     if not xs:
         return math.nan, math.nan
@@ -84,6 +96,8 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ("final_reward", [r["final"]["reward"] for r in recs]),
             ("final_accuracy", [r["final"]["accuracy"] for r in recs]),
             ("final_kl", [r["final"]["kl"] for r in recs]),
+            ("final_len", [_tail_mean(r, "response_len") for r in recs]),
+            ("final_kl_seq", [_tail_mean(r, "kl_seq") for r in recs]),
             ("teacher_tokens_total", [sum(h.get("teacher_tokens", 0.0) for h in r["history"])
                                       for r in recs]),
             ("wall_s", [r["wall_s"] for r in recs]),
@@ -106,8 +120,9 @@ def _fmt(row: dict[str, Any], key: str, digits: int = 3) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ("| task | method | seeds | steps to 95 % | teacher tokens to 95 % | final reward "
-            "| greedy acc. | final KL | teacher reward | config overrides |")  # fmt: skip
-    lines = [head, "|" + "---|" * 10]
+            "| greedy acc. | final KL / token | length | KL / sequence | teacher reward "
+            "| config overrides |")  # fmt: skip
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         if r["reached"] == 0:
             steps, toks = f"not reached in {r['steps']}", "—"
@@ -117,7 +132,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['task']} | {r['method']} | {r['seeds']} | {steps} | {toks} "
             f"| {_fmt(r, 'final_reward')} | {_fmt(r, 'final_accuracy', 2)} "
-            f"| {_fmt(r, 'final_kl')} | {r['teacher_reward']:.3f} | `{r['overrides']}` |"
+            f"| {_fmt(r, 'final_kl')} | {_fmt(r, 'final_len', 1)} | {_fmt(r, 'final_kl_seq', 1)} "
+            f"| {r['teacher_reward']:.3f} | `{r['overrides']}` |"
         )
     return "\n".join(lines) + "\n"
 

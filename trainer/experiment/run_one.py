@@ -66,6 +66,8 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
     task = get_task(run.task)
+    if grid.teacher_steps is not None:
+        task = dataclasses.replace(task, teacher_steps=grid.teacher_steps)
     shared = out / "shared"
     tdir = teacher_dir(shared, task, grid.eval_prompts)
     sdir = student_init(shared, task, run.seed, grid.warm_steps)
