@@ -75,6 +75,11 @@ class TeacherServiceServicer:
         """Scores many sequences over one connection. Responses are keyed by request_id and
         sent as each sequence finishes, in any order. A bad request is answered with a
         per-request error on the stream; the stream itself stays open for the others.
+        That holds for bytes that are not a ScoreRequest too: their error carries an
+        empty request_id (the id could not be read). The server holds a bounded number of
+        bytes per stream (requests read, answers not yet sent); while that is full it
+        reads no more of the stream's requests, so a client that stops reading answers
+        stops being read (HTTP/2 flow control then holds its sends).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
