@@ -5,7 +5,7 @@
     seeds: [0, 1, 2]
     tasks: [reversal, trace, flawed]
     eval_prompts: 128          # held-out prompts for the final evaluation
-    warm_steps: 30             # the student's format-only warm start (tasks/teachers.py)
+    warm_steps: 30             # the student's warm start (tasks/teachers.py)
     train_prompts: 4000
     teacher_steps: 300         # optional: override every task's teacher training length
     methods:                   # name -> dotted trainer-config overrides

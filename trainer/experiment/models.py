@@ -1,5 +1,5 @@
 """The shared artefacts of a grid, built once and cached under <out>/shared/: each task's
-teacher (with its measured reward), the student's format warm start per (task, seed),
+teacher (with its measured reward), the student's warm start per (task, seed),
 and the prompt files. Built under a lock, marked done atomically, so concurrent grid
 processes build each one exactly once.
 """
@@ -18,7 +18,7 @@ from trainer.demo.teacher_pretrain import save_model
 from trainer.experiment.files import locked, write_atomic, write_json
 from trainer.rewards import resolve_reward
 from trainer.tasks import REWARDS, SyntheticTask
-from trainer.tasks.teachers import format_warm_start, train_teacher
+from trainer.tasks.teachers import train_teacher, warm_start
 
 EVAL_SEED = 12345  # held-out prompts: a different stream from the training prompts
 
@@ -54,13 +54,13 @@ def teacher_eval(teacher: Path) -> dict[str, float]:
 
 
 def student_init(shared: Path, task: SyntheticTask, seed: int, steps: int) -> Path:
-    """The student's format-only warm start for (task, seed)."""
+    """The student's warm start (shuffled answers, tasks/teachers.py) for (task, seed)."""
     out = shared / "students" / f"{task.name}-seed{seed}"
     if (out / "done.json").is_file():
         return out
     with locked(shared / "students" / f"{task.name}-seed{seed}.lock"):
         if not (out / "done.json").is_file():
-            lm = format_warm_start(task, seed, steps)
+            lm = warm_start(task, seed, steps)
             save_model(lm, task, out)  # type: ignore[arg-type]
             write_json(out / "done.json", {"task": task.name, "seed": seed, "steps": steps})
     return out

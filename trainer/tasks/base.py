@@ -51,7 +51,9 @@ class SyntheticTask:
         """What the teacher is trained to answer (the true answer unless overridden)."""
         return list(example["answer"])
 
-    def random_answer(self, rng: random.Random) -> list[int]:
-        """An answer of the right format and random content (the student's warm start)."""
-        n = self.response_len - 1
-        return [FIRST_SYMBOL + rng.randrange(self.alphabet) for _ in range(n)]
+    def shuffled_answer(self, example: dict, rng: random.Random) -> list[int]:
+        """The correct answer's tokens in a random order: the student's warm start (right
+        format and symbols, wrong order; docs/results.md says why not random symbols)."""
+        out = list(example["answer"])
+        rng.shuffle(out)
+        return out

@@ -1,14 +1,15 @@
-"""Training a task's teacher (and the student's format-only warm start) by supervision.
+"""Training a task's teacher (and the student's warm start) by supervision.
 
 The teacher is a small Llama trained with cross-entropy on `task.teacher_answer` for
 fresh random examples, with response input tokens replaced by random ids at a
 per-sequence rate in [0, task.corrupt] (targets kept), plus one trailing <eos> target so
 that it stops a student that ran past the answer (as trainer/demo/teacher_pretrain.py).
 
-The student's warm start teaches the answer's *format* only: responses of the right
-length made of random symbols, then <eos>. It carries no information about the task
-(no teacher, no correct answers), so every method of the grid starts from the same
-near-chance student and the teacher tokens it would have cost are zero.
+The student's warm start teaches the answer's format and which symbols it uses, not
+their order: the correct answer's tokens shuffled, then <eos>. No teacher is involved, so
+every method of the grid starts from the same student and the teacher tokens it would
+have cost are zero. (A first version trained on random symbols instead; that student
+ignored the prompt, and 150 hybrid steps barely moved it: docs/results.md.)
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ def train_teacher(task: SyntheticTask, seed: int = 0, batch_size: int = 64) -> L
     return lm.eval()
 
 
-def format_warm_start(
+def warm_start(
     task: SyntheticTask, seed: int, steps: int = 30, batch_size: int = 64
 ) -> LlamaForCausalLM:
-    """A fresh student after `steps` supervised steps on random-content answers."""
+    """A fresh student after `steps` supervised steps on shuffled correct answers."""
     lm = new_model(task, STUDENT_SIZE, seed)  # type: ignore[arg-type]
     if steps <= 0:
         return lm.eval()
@@ -68,7 +69,7 @@ def format_warm_start(
         rows = []
         for _ in range(batch_size):
             ex = task.make_example(rng)
-            rows.append([*ex["prompt"], *task.random_answer(rng), EOS])
+            rows.append([*ex["prompt"], *task.shuffled_answer(ex, rng), EOS])
         return torch.tensor(rows)
 
     supervised_train(lm, batch, task.prompt_len, steps, 3e-3, f"student format {task.name}")
