@@ -33,7 +33,7 @@ HELM_LABELS = frozenset(
         "app.kubernetes.io/version",
     }
 )
-_HASHED = re.compile(r"^((?:teacher|trainer)-config)-[a-z0-9]{10}$")
+_HASHED = re.compile(r"^(teacher-config|trainer-config|student-source)-[a-z0-9]{10}$")
 # Lists that the API server treats as maps, with their merge key.
 _KEYED_LISTS = {"env": "name", "volumes": "name", "volumeMounts": "mountPath"}
 NAMESPACE = "hybrid-distill"
@@ -169,6 +169,8 @@ def test_values_reach_the_objects(tmp_path):
         f"teacher.requestDeadlineSeconds={deadline}",
         f"teacher.startupAllowanceSeconds={allowance}",
         f"monitoring.runbookBaseUrl={base_url}",
+        "student.hfRepo=org/student-x",
+        "student.hfRevision=abc123",
     )
     docs = ops.documents(text)
     deploy = ops.find(docs, "Deployment", "teacher")
@@ -197,6 +199,8 @@ def test_values_reach_the_objects(tmp_path):
     probe = teacher["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] == allowance
     assert deploy["spec"]["progressDeadlineSeconds"] == allowance + 300
+    source = ops.find(docs, "ConfigMap", "student-source")["data"]
+    assert (source["STUDENT_HF_REPO"], source["STUDENT_HF_REVISION"]) == ("org/student-x", "abc123")
     rule = ops.find(docs, "PrometheusRule", "hybrid-distill")
     urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"]]
     assert urls and all(u.startswith(f"{base_url}/docs/deploy.md#") for u in urls)
@@ -230,6 +234,7 @@ def test_cpu_only_values_drop_the_gpu():
         ("teacher.bogus=1", "bogus"),
         ("autoscaling.minReplicas=9", "autoscaling.minReplicas (9) must be <="),
         ("monitoring.enabled=false", "autoscaling.enabled needs monitoring.enabled"),
+        ("student.dir=/checkpoints/other", "student.dir (/checkpoints/other) must be"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(value, message):

@@ -1,11 +1,13 @@
-"""job/teacher-model-fetch fills the model volume; the teacher waits for it.
+"""The fetch Jobs fill the model volumes; the teacher and the trainers wait for them.
 
-The Job's and the init container's commands are run here as written in the rendered
-production overlay, with the container's environment from the teacher ConfigMap and
-/models mapped to a temporary directory. There is no route to the Hugging Face Hub
-here, so `hf` is a stub on PATH that records its arguments and writes a file the way
-`hf download --local-dir` does; everything else (model path parsing, marker, waiting)
-is the real command.
+job/teacher-model-fetch fills teacher-models with the teacher, job/student-model-fetch
+fills trainer-checkpoints with the student. Their commands and the wait-for-model /
+wait-for-student init containers' commands are run here as written in the rendered
+production overlay, with each container's environment from its ConfigMap and the
+volume's mount point mapped to a temporary directory. There is no route to the Hugging
+Face Hub here, so `hf` is a stub on PATH that records its arguments and writes a file
+the way `hf download --local-dir` does; everything else (model path parsing, marker,
+waiting) is the real command.
 """
 
 from __future__ import annotations
@@ -16,13 +18,45 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.deploy import ops
 
 MARKER = ".hybrid-distill-fetched"
+
+
+@dataclass(frozen=True)
+class Fetch:
+    job: str
+    prefix: str  # TEACHER / STUDENT: the ConfigMap keys <prefix>_MODEL, _HF_REPO, _HF_REVISION
+    owner: tuple[str, str]  # the workload whose init container waits
+    waiter: str
+    mount: str  # where the volume is mounted in every pod
+    claim: str
+
+
+FETCHES = {
+    "teacher": Fetch(
+        "teacher-model-fetch",
+        "TEACHER",
+        ("Deployment", "teacher"),
+        "wait-for-model",
+        "/models",
+        "teacher-models",
+    ),
+    "student": Fetch(
+        "student-model-fetch",
+        "STUDENT",
+        ("Job", "trainer"),
+        "wait-for-student",
+        "/checkpoints",
+        "trainer-checkpoints",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +72,16 @@ def _container_env(docs, container) -> dict[str, str]:
     return env
 
 
-def _local(command: list[str], env: dict[str, str], root: Path) -> tuple[list[str], dict]:
-    """The command and env with /models moved under root and python as this python."""
+def _local(command: list[str], env: dict[str, str], mount: str, root: Path):
+    """The command and env with the mount point moved under root, python as this one."""
     argv = [sys.executable if a == "python" else a for a in command]
-    local_env = {k: v.replace("/models", str(root / "models")) for k, v in env.items()}
-    return argv, local_env
+    local = {k: v.replace(mount, str(root / mount.strip("/"))) for k, v in env.items()}
+    local["PYTHONPATH"] = str(ops.ROOT)
+    return argv, local
+
+
+def _model_dir(env: dict[str, str], prefix: str) -> Path:
+    return Path(env[f"{prefix}_MODEL"].split("=", 1)[-1])
 
 
 def _fake_hf(bin_dir: Path, log: Path) -> None:
@@ -59,93 +98,104 @@ def _fake_hf(bin_dir: Path, log: Path) -> None:
     hf.chmod(0o755)
 
 
-def test_fetch_job_downloads_the_configured_revision_into_the_teacher_model_dir(
-    production, tmp_path
+@pytest.mark.parametrize("which", sorted(FETCHES))
+def test_fetch_job_downloads_the_configured_revision_where_it_is_loaded(
+    which, production, tmp_path
 ):
-    job = ops.find(production, "Job", "teacher-model-fetch")
-    spec = job["spec"]["template"]["spec"]
+    fetch = FETCHES[which]
+    spec = ops.find(production, "Job", fetch.job)["spec"]["template"]["spec"]
     [container] = spec["containers"]
     env = _container_env(production, container)
     revision = f"{random.getrandbits(64):016x}"
-    env["TEACHER_HF_REVISION"] = revision
-    argv, local_env = _local(container["command"], env, tmp_path)
+    env[f"{fetch.prefix}_HF_REVISION"] = revision
+    repo = env[f"{fetch.prefix}_HF_REPO"]
+    argv, local_env = _local(container["command"], env, fetch.mount, tmp_path)
     log = tmp_path / "hf.log"
     _fake_hf(tmp_path / "bin", log)
     local_env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"
-    local_env["PYTHONPATH"] = str(ops.ROOT)
     proc = subprocess.run(argv, env=local_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    model_dir = Path(
-        env["TEACHER_MODEL"].split("=", 1)[1].replace("/models", str(tmp_path / "models"))
-    )
+    model_dir = _model_dir(local_env, fetch.prefix)
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    assert calls == [
-        ["download", env["TEACHER_HF_REPO"], "--revision", revision, "--local-dir", str(model_dir)]
-    ]
-    assert (model_dir / MARKER).read_text().strip() == f"{env['TEACHER_HF_REPO']}@{revision}"
+    assert calls == [["download", repo, "--revision", revision, "--local-dir", str(model_dir)]]
+    assert (model_dir / MARKER).read_text().strip() == f"{repo}@{revision}"
     # Second run: the marker says the directory holds this revision; no download.
     proc = subprocess.run(argv, env=local_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "already holds" in proc.stdout
     assert len(log.read_text().splitlines()) == 1
-    # The Job writes the volume the teacher reads, at the path the server loads.
+    # The Job writes the claim the consumers read, mounted where they read it.
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert not mounts["/models"].get("readOnly", False)
-    volume = next(v for v in spec["volumes"] if v["name"] == mounts["/models"]["name"])
-    teacher_spec = ops.find(production, "Deployment", "teacher")["spec"]["template"]["spec"]
-    teacher_models = next(v for v in teacher_spec["volumes"] if v["name"] == "models")
-    assert (
-        volume["persistentVolumeClaim"]["claimName"]
-        == teacher_models["persistentVolumeClaim"]["claimName"]
-    )
+    assert not mounts[fetch.mount].get("readOnly", False)
+    volume = next(v for v in spec["volumes"] if v["name"] == mounts[fetch.mount]["name"])
+    assert volume["persistentVolumeClaim"]["claimName"] == fetch.claim
     # A token for gated repositories is optional and read from a file, never from args.
     token = next(v for v in spec["volumes"] if v["name"] == "hf-token")["secret"]
     assert token["optional"] is True
     assert env["HF_TOKEN_PATH"].startswith(mounts["/etc/hybrid-distill/hf"]["mountPath"])
-    # The image is offline by default; the fetch pod alone turns the hub on.
+    # The image is offline by default; the fetch pod alone turns the Hub on.
     assert env["HF_HUB_OFFLINE"] == "0"
 
 
-def test_fetch_job_fails_when_the_download_fails(production, tmp_path):
+def test_fetched_directories_are_the_ones_loaded(production):
+    """The teacher's directory is the server's --model; the student's is train.yaml's
+    student.model_dir."""
+    teacher_env = ops.find(production, "ConfigMap", "teacher-config")["data"]
+    teacher = ops.find(production, "Deployment", "teacher")["spec"]["template"]["spec"]
+    assert "$(TEACHER_MODEL)" in teacher["containers"][0]["args"]
+    assert str(_model_dir(teacher_env, "TEACHER")).startswith("/models/")
+    student_env = ops.find(production, "ConfigMap", "student-source")["data"]
+    run = yaml.safe_load(ops.find(production, "ConfigMap", "trainer-config")["data"]["train.yaml"])
+    assert str(_model_dir(student_env, "STUDENT")) == run["student"]["model_dir"]
+
+
+@pytest.mark.parametrize("which", sorted(FETCHES))
+def test_fetch_job_fails_when_the_download_fails(which, production, tmp_path):
     """A failed download exits non-zero (the Job retries) and writes no marker."""
-    job = ops.find(production, "Job", "teacher-model-fetch")
-    [container] = job["spec"]["template"]["spec"]["containers"]
-    argv, env = _local(container["command"], _container_env(production, container), tmp_path)
+    fetch = FETCHES[which]
+    [container] = ops.find(production, "Job", fetch.job)["spec"]["template"]["spec"]["containers"]
+    env = _container_env(production, container)
+    argv, local_env = _local(container["command"], env, fetch.mount, tmp_path)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "hf").write_text("#!/bin/sh\necho 'repository not found' >&2\nexit 1\n")
     (tmp_path / "bin" / "hf").chmod(0o755)
-    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"
-    env["PYTHONPATH"] = str(ops.ROOT)
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    local_env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    proc = subprocess.run(argv, env=local_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert not list((tmp_path).rglob(MARKER))
+    assert not list(tmp_path.rglob(MARKER))
 
 
-def test_teacher_waits_for_the_fetched_revision(production, tmp_path):
-    """wait-for-model blocks while the marker is missing or names another revision,
+@pytest.mark.parametrize("which", sorted(FETCHES))
+def test_consumers_wait_for_the_fetched_revision(which, production, tmp_path):
+    """The init container blocks while the marker is missing or names another revision,
     and returns once the Job has written the configured one."""
-    spec = ops.find(production, "Deployment", "teacher")["spec"]["template"]["spec"]
-    init = {c["name"]: c for c in spec["initContainers"]}["wait-for-model"]
-    assert next(m for m in init["volumeMounts"] if m["mountPath"] == "/models")["readOnly"]
+    fetch = FETCHES[which]
+    spec = ops.find(production, *fetch.owner)["spec"]["template"]["spec"]
+    init = {c["name"]: c for c in spec["initContainers"]}[fetch.waiter]
+    assert next(m for m in init["volumeMounts"] if m["mountPath"] == fetch.mount)["readOnly"]
     env = _container_env(production, init)
-    argv, local_env = _local(init["command"], env, tmp_path)
+    argv, local_env = _local(init["command"], env, fetch.mount, tmp_path)
     local_env["MODEL_POLL_SECONDS"] = "0.1"
-    local_env["PYTHONPATH"] = str(ops.ROOT)
-    model_dir = Path(local_env["TEACHER_MODEL"].split("=", 1)[1])
+    model_dir = _model_dir(local_env, fetch.prefix)
     model_dir.mkdir(parents=True)
-    (model_dir / MARKER).write_text(f"{env['TEACHER_HF_REPO']}@some-older-revision\n")
+    repo = env[f"{fetch.prefix}_HF_REPO"]
+    (model_dir / MARKER).write_text(f"{repo}@some-older-revision\n")
     proc = subprocess.Popen(argv, env=local_env, stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(1.5)
-        assert proc.poll() is None, "started a teacher on another revision's weights"
-        (model_dir / MARKER).write_text(f"{env['TEACHER_HF_REPO']}@{env['TEACHER_HF_REVISION']}\n")
+        assert proc.poll() is None, "started on another revision's weights"
+        (model_dir / MARKER).write_text(f"{repo}@{env[f'{fetch.prefix}_HF_REVISION']}\n")
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
         proc.wait()
 
 
-def test_cpu_dev_builds_its_model_and_fetches_nothing():
+def test_cpu_dev_builds_its_models_and_fetches_nothing():
     docs = ops.documents(ops.render_overlay("cpu-dev"))
-    assert not [d for d in docs if d["metadata"]["name"] == "teacher-model-fetch"]
-    spec = ops.find(docs, "Deployment", "teacher")["spec"]["template"]["spec"]
-    assert [c["name"] for c in spec["initContainers"]] == ["make-model"]
+    names = {d["metadata"]["name"] for d in docs}
+    assert not {"teacher-model-fetch", "student-model-fetch"} & names
+    assert not [n for n in names if n.startswith("student-source")]
+    teacher = ops.find(docs, "Deployment", "teacher")["spec"]["template"]["spec"]
+    assert [c["name"] for c in teacher["initContainers"]] == ["make-model"]
+    trainer = ops.find(docs, "Job", "trainer")["spec"]["template"]["spec"]
+    assert [c["name"] for c in trainer["initContainers"]] == ["make-student-and-prompts"]

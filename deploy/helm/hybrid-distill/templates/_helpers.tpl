@@ -78,3 +78,47 @@ limits:
 {{- define "hd.checkovImageSkip" -}}
 checkov.io/skip1: "CKV_K8S_43=Images are pinned by tag: the offline CI that renders these cannot resolve digests; the release pipeline sets digests with `kustomize edit set image`."
 {{- end -}}
+
+{{/*
+An init container that waits for a fetch Job's marker naming <prefix>_HF_REPO@
+<prefix>_HF_REVISION in the directory of <prefix>_MODEL (model-fetch-jobs.yaml).
+*/}}
+{{- define "hd.waitForModel" -}}
+- command:
+  - python
+  - -c
+  - |
+    import os, time
+    from teacher_service.config import ModelSpec
+    path = ModelSpec.parse(os.environ["{{ .prefix }}_MODEL"]).path
+    want = f'{os.environ["{{ .prefix }}_HF_REPO"]}@{os.environ["{{ .prefix }}_HF_REVISION"]}'
+    marker = path / ".hybrid-distill-fetched"
+    while not (marker.exists() and marker.read_text().strip() == want):
+        print(f"waiting for job/{{ .job }} to fetch {want} into {path}", flush=True)
+        time.sleep(float(os.environ["MODEL_POLL_SECONDS"]))
+    print(f"{path} holds {want}")
+  env:
+  - name: MODEL_POLL_SECONDS
+    value: "10"
+  envFrom:
+  - configMapRef:
+      name: {{ .config }}
+  image: {{ include "hd.image" .image }}
+  imagePullPolicy: {{ .image.pullPolicy }}
+  name: {{ .name }}
+  resources:
+    limits:
+      cpu: 500m
+      memory: 512Mi
+    requests:
+      cpu: 100m
+      memory: 256Mi
+  securityContext:
+    {{- include "hd.containerSecurityContext" .root | nindent 4 }}
+  volumeMounts:
+  - mountPath: {{ .mount }}
+    name: {{ .volume }}
+    readOnly: true
+  - mountPath: /tmp
+    name: tmp
+{{- end -}}
