@@ -79,6 +79,7 @@ def test_trl_trainer_gradient_equals_builtin_loop(tmp_path: Path, seed: int, mon
     torch.manual_seed(seed)
     teacher_dir, student_dir = tiny_models(tmp_path)
     rows = demo_rows(P, seed)
+    assert len({r["prompt"] for r in rows}) == P  # rollout_func looks completions up by prompt
     completions = fixed_rollouts(rows, rng)
     server = ServerProcess(teacher_dir).wait_ready()
     try:
