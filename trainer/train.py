@@ -38,7 +38,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,6 +76,8 @@ class TrainResult:
     history: list[dict[str, float]]
     out_dir: Path
     student: torch.nn.Module  # the trained causal LM (unwrapped from DDP)
+    # step -> the prompt indices this rank trained on, one list per micro-batch (this call)
+    prompts: dict[int, list[list[int]]] = field(default_factory=dict)
 
 
 def load_prompts(path: str | Path) -> list[dict]:
@@ -279,6 +281,7 @@ def train(config: TrainConfig) -> TrainResult:
         ro, dcfg, scfg = config.rollout, config.dense, config.sparse
         accum = opt_cfg.accum_steps
         history: list[dict[str, float]] = []
+        trained_on: dict[int, list[list[int]]] = {}
 
         for step in range(start_step, run.steps):
             t_step = time.perf_counter()
@@ -290,6 +293,7 @@ def train(config: TrainConfig) -> TrainResult:
                 # 1. Rollouts: G samples per prompt from the current student, top-K ids kept.
                 idx = prompt_indices(len(prompts), run.seed, step, micro, accum, info.rank,
                                      info.world_size, ro.prompts_per_step)  # fmt: skip
+                trained_on.setdefault(step, []).append(idx)
                 sampler.manual_seed(hash((run.seed, step, micro, info.rank)) & (2**63 - 1))
                 lm.eval()  # dropout off while sampling (Llama-style students have none anyway)
                 with autocast():
@@ -416,7 +420,7 @@ def train(config: TrainConfig) -> TrainResult:
     if info.is_main and run.plots and runlog.path.exists():
         plot_metrics(runlog.path, out_dir)
     distributed.teardown(info)
-    return TrainResult(run.steps, history, out_dir, lm)
+    return TrainResult(run.steps, history, out_dir, lm, trained_on)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,7 +234,8 @@ class HybridGRPOTrainer(GRPOTrainer):
         c0 = token_costs(lp.to(dev), lq_tok, self._t_weights, mask)  # [B, T]
         c = dcfg.kl_coef * c0
         kind = "none" if G < 2 else scfg.baseline
-        adv = group_advantages(future_returns(c, mask, scfg.gamma), r, mask, G, kind, lam=lam)
+        c_ret = c if scfg.cost_clip is None else c.clamp(-scfg.cost_clip, scfg.cost_clip)
+        adv = group_advantages(future_returns(c_ret, mask, scfg.gamma), r, mask, G, kind, lam=lam)
 
         # Dense support and the teachers' log-probs on it.
         N = B * T
