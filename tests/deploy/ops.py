@@ -2,18 +2,21 @@
 
 Every external tool is optional here and required in CI: `require(...)` skips a test
 with the reason and the install command when a tool is missing on a developer machine
-(`bash tools/setup_ops_tools.sh` installs them all).
+(`bash tools/setup_ops_tools.sh` installs them all). In CI (`CI=true`, as CI services
+set it) the same test fails instead (`tool_missing`), so a missing install step cannot
+hide behind a skip.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -51,11 +54,24 @@ def find_tool(name: str) -> Path | None:
     return Path(found) if found else None
 
 
+def in_ci() -> bool:
+    """True under CI (the CI variable every CI service sets to "true")."""
+    return os.environ.get("CI") == "true"
+
+
+def tool_missing(message: str) -> NoReturn:
+    """Skips the test on a developer machine; fails it in CI, where every tool the
+    tests use must be installed (a skip there would hide a missing install step)."""
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: the tool must be installed)", pytrace=False)
+    pytest.skip(message)
+
+
 def require(name: str) -> Path:
-    """The tool's path, or skip the test saying how to install it."""
+    """The tool's path, or skip the test (fail it in CI) saying how to install it."""
     path = find_tool(name)
     if path is None:
-        pytest.skip(f"{name} is not installed: {SETUP_HINT}")
+        tool_missing(f"{name} is not installed: {SETUP_HINT}")
     return path
 
 

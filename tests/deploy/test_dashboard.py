@@ -16,8 +16,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.deploy import ops
 
 # Panel plugin id -> the module of @grafana/schema with its Options and FieldConfig.
@@ -55,7 +53,7 @@ def _tsc(dash: dict[str, Any]) -> tuple[int, str]:
         not tsc.exists()
         or not (ops.GRAFANA_CHECK / "node_modules" / "@grafana" / "schema").exists()
     ):
-        pytest.skip(f"@grafana/schema and typescript are not installed: {ops.SETUP_HINT}")
+        ops.tool_missing(f"@grafana/schema and typescript are not installed: {ops.SETUP_HINT}")
     # Written next to tsconfig.json so module resolution finds node_modules; the name is
     # unique per process and gitignored (*.generated.ts).
     source = ops.GRAFANA_CHECK / f"dashboard-{os.getpid()}-{random.randrange(10**9)}.generated.ts"

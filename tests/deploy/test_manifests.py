@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from tests.deploy import ops
+from trainer import config as trainer_config
 
 KUBERNETES_VERSION = "1.33.0"
 CRD_GROUP = "monitoring.coreos.com/v1"
@@ -94,8 +95,10 @@ def _unknown_fields(doc: Any, dumped: Any, path: str = "") -> list[str]:
 
 
 def _validate_crd(doc: dict[str, Any]) -> list[str]:
-    pytest.importorskip("cloudcoil.models.prometheus_operator", reason=ops.SETUP_HINT)
-    from cloudcoil.models.prometheus_operator import v1
+    try:
+        from cloudcoil.models.prometheus_operator import v1
+    except ImportError:
+        ops.tool_missing(f"cloudcoil-models-prometheus-operator is not installed: {ops.SETUP_HINT}")
 
     model = getattr(v1, doc["kind"])
     obj = model.model_validate(doc)
@@ -366,10 +369,6 @@ def _trainer_config(docs, tmp_path: Path, namespace: str, index: int):
     """The trainer's TrainConfig from the Job's args, expanded as the kubelet would: the
     downward-API vars from the given namespace and index, literal values as written, and
     an empty process environment (nothing may come from a Secret-backed env var)."""
-    trainer_config = pytest.importorskip(
-        "trainer.config", reason="trainer/config.py is not in this checkout"
-    )
-
     job = ops.find(docs, "Job", "trainer")
     container = job["spec"]["template"]["spec"]["containers"][0]
     env = {"POD_NAMESPACE": namespace, "WORKER_INDEX": str(index)}
@@ -482,7 +481,6 @@ def test_each_worker_gets_its_own_client_id(rendered, tmp_path):
     """Indexed Job pods have the host name <job>-<index>; the default client id built
     from it differs per worker, so the teacher's fair queue and the dashboard's tokens
     per client see N clients, not one."""
-    trainer_config = pytest.importorskip("trainer.config")
     _, docs = rendered
     job = ops.find(docs, "Job", "trainer")
     ids = set()

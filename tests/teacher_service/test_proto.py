@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.deploy import ops
 
 REPO = Path(__file__).resolve().parents[2]
 PROTO_DIR = REPO / "proto"
@@ -39,7 +39,7 @@ def _buf() -> str:
     here = Path(sys.executable).parent / "buf"
     found = str(here) if here.exists() else shutil.which("buf")
     if found is None:
-        pytest.skip("buf not found: pip install buf-bin (or npm @bufbuild/buf)")
+        ops.tool_missing("buf not found: pip install buf-bin (or npm @bufbuild/buf)")
     return found
 
 
