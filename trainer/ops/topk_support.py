@@ -74,7 +74,7 @@ def fill_missing_teacher_logprobs(
     if lp.dim() == 2:
         lp = lp.unsqueeze(0)
     lp = lp.to(torch.float32)
-    valid = (support_ids >= 0).unsqueeze(0)  # [1, N, K]
+    valid = (support_ids.to(lp.device) >= 0).unsqueeze(0)  # [1, N, K]
     if row_weights is not None:
         live = row_weights.detach().reshape(-1).to(device=valid.device) != 0  # [N]
         valid = valid & live.view(1, -1, 1)
