@@ -267,3 +267,56 @@ def test_config_rejects_nonsense() -> None:
         SchedulerConfig(max_batch_tokens=0)
     with pytest.raises(ValueError, match="max_wait_s"):
         SchedulerConfig(max_wait_s=-1)
+
+
+# Two heavy clients with unequal demand: "short" queues many short sequences, "long"
+# fewer, longer ones (more tokens in all). While both have work queued, deficit round
+# robin gives each the same number of tokens, so short's share of the scheduled tokens
+# must stay within FAIR_BAND. (A scheduler that lets each client fill a whole batch per
+# turn gives short 128 of every 128 + 384 tokens: a share of 0.25.)
+FAIR_BAND = (0.4, 0.6)
+
+
+def test_two_heavy_clients_of_unequal_demand_get_equal_token_shares(tiny_model_dir: Path) -> None:
+    async def run() -> list[tuple[int, int]]:
+        scheduler, backend, _ = await make(
+            tiny_model_dir,
+            max_batch_size=8,
+            max_batch_tokens=100_000,
+            quantum_tokens=64,
+            max_wait_s=0.05,
+        )
+        owner: dict[int, str] = {}
+        tasks = []
+        for client, count, length in (("short", 240, 16), ("long", 120, 48)):
+            for _ in range(count):
+                item = random_item(length)
+                owner[id(item)] = client
+                tasks.append(asyncio.create_task(scheduler.submit(item, client)))
+        await asyncio.gather(*tasks)
+        await scheduler.close()
+        await backend.close()
+        per_batch = []
+        for batch in backend.batches:
+            short = sum(it.length for it in batch if owner[id(it)] == "short")
+            long = sum(it.length for it in batch if owner[id(it)] == "long")
+            per_batch.append((short, long))
+        return per_batch
+
+    per_batch = asyncio.run(run())
+    # Batches formed while both clients still had work queued: up to the one that took
+    # either client's last sequence.
+    totals = {"short": 240 * 16, "long": 120 * 48}
+    taken = {"short": 0, "long": 0}
+    contested = []
+    for short, long in per_batch:
+        contested.append((short, long))
+        taken["short"] += short
+        taken["long"] += long
+        if taken["short"] == totals["short"] or taken["long"] == totals["long"]:
+            break
+    short_tokens = sum(s for s, _ in contested)
+    share = short_tokens / sum(s + lg for s, lg in contested)
+    print(f"short's token share {share:.3f} over {len(contested)} contested batches")
+    assert len(contested) >= 10
+    assert FAIR_BAND[0] <= share <= FAIR_BAND[1], share
