@@ -104,3 +104,12 @@ def test_failure_streak_counts_only_consecutive_failures() -> None:
     assert len(reason) < 400  # the error text is bounded
     with pytest.raises(ValueError, match="max_failed_batches"):
         FailureStreak(limit=0)
+
+
+def test_max_failed_batches_flag() -> None:
+    from teacher_service.config import parse_args
+
+    assert parse_args(["--model", "m", "--max-failed-batches", "5"]).max_failed_batches == 5
+    assert parse_args(["--model", "m"]).max_failed_batches == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--max-failed-batches", "0"])

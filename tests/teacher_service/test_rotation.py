@@ -150,3 +150,18 @@ def test_token_file_is_checked_at_most_once_per_interval(tmp_path: Path) -> None
     path.write_text(" \n")
     with pytest.raises(ValueError, match="empty"):
         TokenFile(path)
+
+
+def test_flags_keep_the_token_file_and_the_check_interval(tmp_path: Path) -> None:
+    from teacher_service.config import parse_args
+
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    config = parse_args(
+        ["--model", "m", "--auth-token-file", str(path), "--credentials-check-seconds", "0.5"],
+        env={},
+    )
+    assert (config.auth_token, config.auth_token_file) == ("s3cret", path)
+    assert config.credentials_check_s == 0.5
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--credentials-check-seconds", "0"], env={})
