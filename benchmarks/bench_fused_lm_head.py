@@ -99,7 +99,7 @@ def _step(variant: str, mode: str, h, W, b, y, ids, lq, g):
         lp = z.float().gather(-1, y.view(-1, 1)).squeeze(-1) - torch.logsumexp(z.float(), -1)
     (kl * g[0] + lp * g[1]).sum().backward()
     grads = sum(x.grad.numel() * x.grad.element_size() for x in leaves)
-    return float(kl.sum()), float(lp.sum()), grads
+    return float(kl.detach().sum()), float(lp.detach().sum()), grads
 
 
 def _timed(variant: str, mode: str, device: torch.device, inputs) -> float:
