@@ -49,10 +49,10 @@ def test_full_client_queue_is_resource_exhausted_with_retry_hint(
 ) -> None:
     channel, client = stub(tight_server.address)
     metadata = (("x-client-id", "greedy"),)
+    seed = int(time.time())
+    print(f"seed={seed}")  # shown when the test fails
     with channel:
-        responses = list(
-            client.ScoreStream(iter(_requests(300, int(time.time()))), metadata=metadata)
-        )
+        responses = list(client.ScoreStream(iter(_requests(300, seed)), metadata=metadata))
     assert len(responses) == 300
     refused = [r.error for r in responses if r.WhichOneof("outcome") == "error"]
     served = [r for r in responses if r.WhichOneof("outcome") == "result"]

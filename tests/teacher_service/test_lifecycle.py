@@ -68,9 +68,11 @@ class OpenStream:
     def close(self, timeout: float = 60) -> None:
         self._requests.put(None)
         self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the stream's reader still runs after {timeout} s"
 
 
 def backlog(stream: OpenStream, n: int, seed: int) -> None:
+    print(f"backlog seed={seed}")  # shown when the test fails
     gen = torch.Generator().manual_seed(seed)
     for i in range(n):
         ids = torch.randint(0, TINY_VOCAB, (LENGTH,), generator=gen)
