@@ -169,7 +169,7 @@ def test_never_allocates_n_by_v(backend):
     """Forward + backward never produce a tensor of N·V elements; the unfused path does
     (which shows the detector sees them). The largest allowed: a chunk [N, C] or dW [V, d]."""
     gen = torch.Generator().manual_seed(11)
-    N, d, V, K, C = 48, 8, 4096, 6, 256
+    N, d, V, K, C = 24, 4, 4096, 6, 512
     h = torch.randn(N, d, generator=gen, requires_grad=True)
     W = torch.randn(V, d, generator=gen, requires_grad=True)
     b = torch.randn(V, generator=gen, requires_grad=True)
