@@ -1,5 +1,8 @@
 """The cpu-dev overlay's pods, run here as processes: the trainer Job completes.
 
+(This holds the check that the init containers build a teacher and a student with the
+same tokenizer fingerprint and a readable prompts file.)
+
 No cluster runs here, so this plays the kubelet for one teacher pod and one trainer
 worker of the rendered cpu-dev overlay: it runs their init containers' commands, lays
 out their volumes under a temporary directory (the teacher-auth Secret as a token
@@ -26,7 +29,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
+from transformers import AutoTokenizer
 
+from teacher_service.fingerprint import tokenizer_fingerprint
 from tests.deploy import ops
 
 ROOT_PATHS = ("/models", "/checkpoints", "/etc/hybrid-distill/auth")
@@ -65,19 +71,30 @@ def test_cpu_dev_trainer_job_completes_against_the_cpu_dev_teacher(tmp_path):
     Path(_local("/etc/hybrid-distill/auth/token", tmp_path)).write_text(token + "\n")
     env = {**os.environ, "PYTHONPATH": str(ops.ROOT), "OMP_NUM_THREADS": "1"}
 
-    # Init containers, as written.
+    # Init containers, as written; they must build a teacher and a student whose
+    # tokenizers pass the handshake (same fingerprint), and a readable prompts file.
     for spec in (teacher_spec, trainer_spec):
         for init in spec.get("initContainers", []):
             argv = [
                 sys.executable if a == "python" else _local(a, tmp_path) for a in init["command"]
             ]
             subprocess.run(argv, check=True, env=env, capture_output=True, timeout=300)
+    run = yaml.safe_load(ops.find(docs, "ConfigMap", "trainer-config")["data"]["train.yaml"])
+    config = {}
+    for source in teacher_spec["containers"][0]["envFrom"]:
+        config.update(ops.find(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    teacher_dir = _local(config["TEACHER_MODEL"].split("=", 1)[-1], tmp_path)
+    student_dir = _local(run["student"]["model_dir"], tmp_path)
+    fingerprints = {
+        tokenizer_fingerprint(AutoTokenizer.from_pretrained(d)) for d in (teacher_dir, student_dir)
+    }
+    assert len(fingerprints) == 1
+    prompts = Path(_local(run["data"]["prompts"], tmp_path))
+    rows = [yaml.safe_load(line) for line in prompts.read_text().splitlines()]
+    assert rows and all(r["prompt"][0] == 1 and r["prompt"][-1] == 4 for r in rows)
 
     # The teacher, from the Deployment's args and ConfigMap.
     container = teacher_spec["containers"][0]
-    config = {}
-    for source in container["envFrom"]:
-        config.update(ops.find(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
     grpc_port, http_port = _free_port(), _free_port()
     args = [_local(ops.expand(a, config), tmp_path) for a in container["args"]]
     args[args.index("--host") + 1] = "127.0.0.1"
