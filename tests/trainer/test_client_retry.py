@@ -125,12 +125,15 @@ def test_request_behind_a_backlog_hits_its_deadline(
             with pytest.raises(TeacherDeadlineError, match=r"within the deadline of 0\.05 s"):
                 late.submit(random_specs(gen, 1)[0]).result(timeout=30)
             elapsed = time.monotonic() - started
+            # The late request queued behind this backlog (same client, FIFO): an answer
+            # that waited its turn instead of honouring the deadline would come after
+            # every one of these futures.
             assert not all(f.done() for f in futures), "the backlog drained too fast"
             for f in futures:
                 f.cancel()
     finally:
         srv.stop()
-    assert 0.05 <= elapsed < 2.0
+    assert elapsed >= 0.05  # not before the deadline
 
 
 def test_abandoned_request_id_resubmitted_on_the_same_stream_is_not_sent_twice(
