@@ -12,8 +12,9 @@ for the teacher rollout and for the trainer Job to complete, then read the teach
 scored-token counter. What is applied is exactly what --dry-run validated: manifests
 are rendered here with `kubectl kustomize` and fed to `kubectl apply -f -`.
 
---dry-run needs only kubectl (for kustomize) and kubernetes-validate (bash
-tools/setup_ops_tools.sh); it runs no container engine and touches no cluster.
+Both modes validate the manifests with kubernetes-validate first (bash
+tools/setup_ops_tools.sh installs it). --dry-run needs only kubectl (for kustomize)
+and kubernetes-validate; it runs no container engine and touches no cluster.
 """
 
 from __future__ import annotations
@@ -224,14 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         f"# tools: {', '.join(needed)}"
         + (f" (missing here: {', '.join(missing)})" if missing else "")
     )
+    if missing and not args.dry_run:
+        raise SystemExit(f"install {', '.join(missing)} first (docs/deploy.md, 'First deploy')")
+    # Validated before anything runs, in a real run too: a bad manifest stops the plan
+    # before the (long) image builds.
     manifests = [s.manifest for s in plan if s.manifest]
-    if args.dry_run and manifests:
+    if manifests:
         n = validate(manifests)
         print(
             f"# kubernetes-validate --strict (Kubernetes {KUBERNETES_VERSION}): {n} objects valid"
         )
-    elif missing and not args.dry_run:
-        raise SystemExit(f"install {', '.join(missing)} first (docs/deploy.md, 'First deploy')")
 
     for i, step in enumerate(plan, 1):
         print(
