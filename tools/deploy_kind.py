@@ -55,9 +55,23 @@ class Step:
     may_fail: bool = False  # e.g. a cluster that already exists
 
 
+def find_tool(name: str) -> str | None:
+    """A tool on PATH, else where tools/setup_ops_tools.sh installs it."""
+    for candidate in (
+        shutil.which(name),
+        *(ROOT / v / "bin" / name for v in (".venv-ops", ".venv")),
+    ):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    return None
+
+
 def render_overlay(overlay: Path) -> str:
+    kubectl = find_tool("kubectl")
+    if kubectl is None:
+        raise SystemExit("kubectl is not installed: run `bash tools/setup_ops_tools.sh`")
     proc = subprocess.run(
-        ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=False
+        [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
         raise SystemExit(f"kubectl kustomize {overlay} failed:\n{proc.stderr}")
@@ -183,10 +197,8 @@ def teardown_steps(runtime: str, cluster: str) -> list[Step]:
 
 def validate(manifests: list[str]) -> int:
     """kubernetes-validate --strict on every manifest; returns the number of objects."""
-    tool = shutil.which("kubernetes-validate") or str(
-        Path(sys.executable).parent / "kubernetes-validate"
-    )
-    if not Path(tool).exists():
+    tool = find_tool("kubernetes-validate")
+    if tool is None:
         raise SystemExit(
             "kubernetes-validate is not installed: run `bash tools/setup_ops_tools.sh`"
         )
