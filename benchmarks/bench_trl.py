@@ -63,7 +63,7 @@ def start_teacher(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
            "--grace-seconds", "0", "--torch-threads", "1"]  # fmt: skip
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # a loaded CI machine starts a server slowly
     while time.monotonic() < deadline:
         match = re.search(r"serving grpc_port=(\d+)", log.read_text(errors="replace"))
         if match:
