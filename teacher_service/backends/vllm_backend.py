@@ -164,6 +164,10 @@ class VllmBackend:
         # Fork after gRPC/executor threads exist can deadlock the child; spawned
         # workers re-import __main__, which is why entry points need a main guard.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        # vLLM's output handler runs on our event loop and turns each finished request's
+        # prompt log-probs into lists (~10 ms for 500 rows x 65); it yields to the loop
+        # every this many requests (vLLM's default 128 held the probes for seconds).
+        os.environ.setdefault("VLLM_V1_OUTPUT_PROC_CHUNK_SIZE", "4")
         loop = asyncio.get_running_loop()
         # Engine start-up blocks for 15-50 s: keep the event loop (health port) free.
         self._engine = await loop.run_in_executor(self._engine_thread, self._build_engine)

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import random
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,9 @@ from transformers import AutoModelForCausalLM
 
 from teacher_service.backends.vllm_rows import leftover_from_topk
 from teacher_service.errors import ErrorKind, ServiceError
+from teacher_service.random_model import save_random_model
 from teacher_service.types import ScoreItem
+from tests.teacher_service.procs import alive, descendants
 from tests.teacher_service.test_backend_contract import (
     VOCAB,
     LoopThread,
@@ -263,3 +268,63 @@ def test_cancelled_batch_leaves_nothing_in_vllm(engine: Any) -> None:
 
     assert loop.run(cancel_midway()) > 0
     assert backend.unfinished_requests() == 0
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAVE_VLLM, reason="vllm not importable")
+def test_a_model_the_cpu_engine_cannot_run_fails_at_start_naming_the_cause(
+    tmp_path: Path,
+) -> None:
+    """head_dim 16 (hidden 32, 2 heads): vLLM's CPU attention needs >= 32. Before, the
+    engine died later with only "vllm engine died; this teacher must be restarted"."""
+    from vllm.platforms import current_platform
+
+    from teacher_service.backends.vllm_backend import VllmBackend
+
+    if not current_platform.is_cpu():
+        pytest.skip("the head-size limit is vLLM CPU attention's")
+    model = save_random_model(tmp_path / "m", 64, hidden=32, layers=1, heads=2, max_positions=64)
+    loop = LoopThread()
+    backend = VllmBackend(model, max_top_k=4, kv_cache_memory_bytes=64 << 20)
+    try:
+        with pytest.raises(ValueError, match=r"head_dim 16 .*CPU attention head sizes \[32,"):
+            loop.run(backend.start(), timeout=120)
+    finally:
+        loop.run(backend.close())
+        loop.stop()
+
+
+# -- last: kills the module's engine ---------------------------------------------------------
+
+
+def _engine_core_pids() -> set[int]:
+    """EngineCore processes below this one (vLLM titles them VLLM::EngineCore)."""
+    found = set()
+    for pid in alive(descendants(os.getpid())):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"EngineCore" in title:
+            found.add(pid)
+    return found
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAVE_VLLM, reason="vllm not importable")
+def test_a_killed_engine_core_makes_the_backend_report_dead(engine: Any) -> None:
+    """Kill -9 the engine-core process: `dead_reason` (what /healthz, /readyz and gRPC
+    health report; see test_backend_health.py for that wiring) names the vLLM engine,
+    and scoring answers UNAVAILABLE instead of hanging."""
+    backend, loop = engine
+    assert backend.dead_reason() is None
+    (core,) = _engine_core_pids()
+    os.kill(core, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while backend.dead_reason() is None:
+        assert time.monotonic() < deadline, "vLLM never noticed its engine died"
+        time.sleep(0.1)
+    assert "vllm engine died" in backend.dead_reason()
+    with pytest.raises(ServiceError) as caught:
+        loop.run(backend.score([ScoreItem(torch.randint(0, VOCAB, (12,)), 4, 3)]), timeout=60)
+    assert caught.value.kind is ErrorKind.UNAVAILABLE
