@@ -239,6 +239,10 @@ def fused_lm_head_topk_kl(
         teacher_num_returned, known,
     )  # fmt: skip
     M = lq.shape[0]
+    if teacher_weights is not None and teacher_weights.numel() != M:
+        raise ValueError(
+            f"teacher_weights must be [{M}] (one per teacher), got {tuple(teacher_weights.shape)}"
+        )
     w = (
         torch.full((M,), 1.0 / M, dtype=cdt, device=dev)
         if teacher_weights is None

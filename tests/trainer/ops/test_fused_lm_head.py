@@ -212,6 +212,8 @@ def test_bad_input_names_the_field_and_bound():
         fused_lm_head_topk_kl(h, W, b, bad_y, ids, lq, **args)
     with pytest.raises(ValueError, match=r"row_weights must be \[13\]"):
         fused_lm_head_topk_kl(h, W, b, y, ids, lq, teacher_weights=w, row_weights=rho[:-1])
+    with pytest.raises(ValueError, match=r"teacher_weights must be \[2\]"):
+        fused_lm_head_topk_kl(h, W, b, y, ids, lq, teacher_weights=w[:1], row_weights=rho)
     with pytest.raises(ValueError, match="mode must be"):
         fused_lm_head_topk_kl(h, W, b, y, ids, lq, mode="dense")
     with pytest.raises(ValueError, match="share a dtype"):
