@@ -14,6 +14,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import os
 import random
 import re
 import signal
@@ -50,9 +51,10 @@ from trainer.client.resolve import getaddrinfo_resolver, parse_dns_target
 
 NAME = "teachers.test"
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4")
-CONNECTION_AGE_S = 2.0
+CONNECTION_AGE_S = 3.0
 CLIENTS = 12
-WINDOW = 6  # requests each client keeps in flight
+WINDOW = 4  # requests one client has in flight at most
+THINK_S = 0.08  # mean pause between one client's submissions
 
 
 class ListResolver:
@@ -160,6 +162,15 @@ def test_balancer_weighs_tokens_in_flight_not_request_count(seed: int) -> None:
     assert (held, after) == (long_len + 37, long_len)
 
 
+def test_idle_endpoints_are_taken_in_turn(seed: int) -> None:
+    targets = [f"h{i}:1" for i in range(random.Random(seed).randint(2, 6))]
+    balancer = Balancer(targets, max_in_flight=4, rng=random.Random(seed))
+    picks = [balancer.pick().target for _ in range(10 * len(targets))]
+    counts = collections.Counter(picks)
+    assert set(counts.values()) == {10}, counts  # exactly even, not even by chance
+    assert len(set(picks[: len(targets)])) == len(targets)
+
+
 def test_removed_endpoint_is_not_picked_and_an_added_one_is(seed: int) -> None:
     balancer = Balancer(["a:1", "b:1"], max_in_flight=4, rng=random.Random(seed))
     removed = balancer.remove("a:1")
@@ -255,6 +266,12 @@ def _open_streams(host: str, http_port: int) -> float:
     return _metric(host, http_port, "teacher_service_inflight_streams")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (for the diagnostics printed)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -263,7 +280,13 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> Non
 
 
 class Load:
-    """Twelve clients, each keeping WINDOW random sequences in flight until stopped."""
+    """Twelve clients submitting random sequences until stopped, each at most WINDOW in
+    flight and a random pause (mean THINK_S) between submissions, as rollout loops do.
+
+    Paced rather than flat out: when every replica is saturated, each one's share is
+    just its share of the CPU, whatever the client does; below saturation the share
+    shows where the client sends work.
+    """
 
     def __init__(self, clients: list[TeacherClient], seed: int) -> None:
         self.clients = clients
@@ -272,47 +295,57 @@ class Load:
         self.delivered: collections.Counter[str] = collections.Counter()
         self.specs: dict[str, ScoreSpec] = {}
         self._gens = [torch.Generator().manual_seed(seed + i) for i in range(len(clients))]
+        self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._running = True
-        self._outstanding = 0
         self._idle = threading.Condition(self._lock)
+        self._in_flight = [0] * len(clients)
+        self._stop = threading.Event()
+        self._driver = threading.Thread(target=self._drive, name="load", daemon=True)
 
     def start(self) -> None:
-        for index in range(len(self.clients)):
-            for _ in range(WINDOW):
-                self._submit(index)
+        self._driver.start()
+
+    def _drive(self) -> None:
+        due = [time.monotonic()] * len(self.clients)
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for index in range(len(self.clients)):
+                with self._lock:
+                    ready = now >= due[index] and self._in_flight[index] < WINDOW
+                if ready:
+                    self._submit(index)
+                    due[index] = now + self._rng.expovariate(1 / THINK_S)
+            self._stop.wait(0.002)
 
     def _submit(self, index: int) -> None:
         spec = random_specs(self._gens[index], 1, min_len=8, max_len=64, top_k=4)[0]
         request_id = f"c{index}-{spec.request_id}"  # unique across the clients
         spec = ScoreSpec(spec.token_ids, spec.start, spec.top_k, request_id=request_id)
         with self._lock:
-            if not self._running:
-                return
             self.specs[spec.request_id] = spec
-            self._outstanding += 1
+            self._in_flight[index] += 1
         future = self.clients[index].submit(spec)
         future.add_done_callback(lambda f, i=index, s=spec: self._done(i, s, f))
 
     def _done(self, index: int, spec: ScoreSpec, future: concurrent.futures.Future) -> None:
         with self._lock:
-            self._outstanding -= 1
+            self._in_flight[index] -= 1
             if future.cancelled() or future.exception() is not None:
                 self.errors.append(future.exception() or concurrent.futures.CancelledError())
             else:
                 self.delivered[future.result().request_id] += 1
                 self.results[spec.request_id] = future.result()
             self._idle.notify_all()
-            again = self._running
-        if again:
-            self._submit(index)
 
     def stop(self, timeout_s: float = 120) -> None:
         """Stops submitting and waits for every request in flight."""
+        self._stop.set()
+        if self._driver.is_alive():
+            self._driver.join(timeout_s)
+            assert not self._driver.is_alive(), "the load driver hung"
         with self._lock:
-            self._running = False
-            assert self._idle.wait_for(lambda: self._outstanding == 0, timeout_s), (
-                f"{self._outstanding} requests never finished"
+            assert self._idle.wait_for(lambda: sum(self._in_flight) == 0, timeout_s), (
+                f"{sum(self._in_flight)} requests never finished"
             )
 
 
@@ -369,21 +402,31 @@ def test_load_spreads_over_replicas_follows_dns_and_survives_a_kill(
             # 1. Three replicas: each serves a third, give or take.
             time.sleep(1.0)  # every client past its first requests
             before = served(HOSTS[:3])
-            time.sleep(3 * CONNECTION_AGE_S)  # spans connection ages: streams rotate
+            cpu = {h: _cpu_seconds(procs[h].proc.pid) for h in HOSTS[:3]}
+            time.sleep(2 * CONNECTION_AGE_S)  # spans connection ages: streams rotate
             after = served(HOSTS[:3])
+            cpu = {h: round(_cpu_seconds(procs[h].proc.pid) - cpu[h], 2) for h in cpu}
             done = {h: after[h] - before[h] for h in before}
             total = sum(done.values())
             shares = {h: done[h] / total for h in done}
+            # Shown with -s: replicas that got unequal CPU (a loaded host) serve unequally.
+            print(f"token shares of three replicas: {shares}; CPU seconds: {cpu}")
             assert total > 0 and all(0.25 <= s <= 0.42 for s in shares.values()), shares
 
             # 2. A fourth replica joins DNS mid-run: it gets load without any restart.
             procs[HOSTS[3]].wait_ready()
+            # A fresh process's first forwards are slow (lazy initialisation); a pod is
+            # in DNS once ready, and the point here is the clients, not that warm-up.
+            warm = ClientConfig(endpoints=(f"{HOSTS[3]}:{grpc_port}",), deadline_s=120.0)
+            with TeacherClient(warm) as client:
+                client.score_batch(random_specs(torch.Generator().manual_seed(seed), 8))
             before = served(HOSTS)
             resolver.set(HOSTS)
             time.sleep(2 * CONNECTION_AGE_S)
             after = served(HOSTS)
             done = {h: after[h] - before[h] for h in HOSTS}
             new_share = done[HOSTS[3]] / sum(done.values())
+            print(f"share of the added replica in two connection ages: {new_share:.3f}")
             assert new_share >= 0.15, {h: d / sum(done.values()) for h, d in done.items()}
 
             # 3. A replica dies with requests in flight (SIGKILL), then leaves DNS.

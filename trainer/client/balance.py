@@ -7,11 +7,12 @@ ends. The policy:
    removed because its address left DNS.
 2. While any endpoint is up (not cooling down after a failure), use only those: the
    one with the fewest tokens in flight below its capacity (then the fewest attempts),
-   ties broken at random so that many clients do not all pile onto the first replica
-   in their lists; when they are all full, wait for a slot rather than spill onto a
-   failed one. Tokens, not request counts: ten short sequences are less work than ten
-   long ones, and a replica that is slower (busier, smaller GPU) keeps more tokens
-   outstanding and so gets fewer new ones.
+   ties taken in turn from a random start, so that many clients do not all pile onto
+   the first replica in their lists and one client's picks among idle replicas
+   alternate instead of drifting by chance; when they are all full, wait for a slot
+   rather than spill onto a failed one. Tokens, not request counts: ten short
+   sequences are less work than ten long ones, and a replica that is slower (busier,
+   smaller GPU) keeps more tokens outstanding and so gets fewer new ones.
 3. Avoid the endpoint that just failed this request when any other one qualifies.
 4. When every endpoint is cooling down, take the one whose cool-down ends first: the
    caller's backoff paces the retries, and a replica that came back is found at once.
@@ -65,6 +66,7 @@ class Balancer:
         self._cap = cooldown_max_s
         self._clock = clock
         self._rng = rng or random.Random()
+        self._last_pick: str | None = None  # where the turn among tied endpoints is
         self._freed: asyncio.Event | None = None  # made on the loop that uses it
 
     # -- policy (pure: no waiting) -----------------------------------------------------
@@ -90,12 +92,23 @@ class Balancer:
                 return None
             pool = [e for e in open_ if e.target != avoid] or open_
             least = min((e.tokens, e.in_flight) for e in pool)
-            return self._rng.choice([e for e in pool if (e.tokens, e.in_flight) == least])
+            return self._next_in_turn([e for e in pool if (e.tokens, e.in_flight) == least])
         open_ = [e for e in usable if e.in_flight < self.capacity(e)]
         if not open_:
             return None
         pool = [e for e in open_ if e.target != avoid] or open_
         return min(pool, key=lambda e: e.down_until)
+
+    def _next_in_turn(self, tied: list[Endpoint]) -> Endpoint:
+        """The first tied endpoint after the last pick (by target), from a random start."""
+        if self._last_pick is None:
+            chosen = self._rng.choice(tied)
+        else:
+            ordered = sorted(tied, key=lambda e: e.target)
+            after = [e for e in ordered if e.target > self._last_pick]
+            chosen = after[0] if after else ordered[0]
+        self._last_pick = chosen.target
+        return chosen
 
     def capacity(self, endpoint: Endpoint) -> int:
         """Slots an endpoint may use: one probe while it has not succeeded since failing."""

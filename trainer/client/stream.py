@@ -16,7 +16,6 @@ in flight on one stream, as the protocol requires.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -194,8 +193,15 @@ class EndpointStream:
         self._closing = True
         if self.broken is None:
             self._outbox.put_nowait(None)  # done_writing after what is queued
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(asyncio.shield(self._writer), 1.0)
+            except asyncio.CancelledError:
+                # The server ended the stream meanwhile (e.g. its connection aged out)
+                # and _break cancelled the writer: that is not a cancellation of close.
+                if not self._writer.cancelled():
+                    raise
+            except Exception:
+                pass  # the reader holds the stream's real status
         self._call.cancel()
         for task in (self._reader, self._writer):
             task.cancel()
