@@ -45,8 +45,8 @@ class RateLimitedLog:
             self._last[key] = now
             suppressed = self._suppressed.pop(key, 0)
         if suppressed:
-            msg += " (%d more like this in the last %.0fs were not logged)"
-            args = (*args, suppressed, self._interval)
+            msg += " (and %d more like it since the last such line, not logged)"
+            args = (*args, suppressed)
         self._logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
