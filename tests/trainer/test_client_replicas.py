@@ -14,6 +14,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import logging
 import os
 import random
 import re
@@ -38,6 +39,7 @@ from tests.trainer.client_fixtures import (  # noqa: F401
     thread_server,
 )
 from trainer.client import (
+    AsyncTeacherClient,
     ClientConfig,
     ScoreSpec,
     TeacherClient,
@@ -213,6 +215,40 @@ def test_tls_checks_the_resolved_name_not_the_address(
                     client.connect()
     finally:
         server.stop()
+
+
+def test_stream_moves_to_a_new_connection_before_the_server_cuts_the_old_one(
+    model_dir: Path,  # noqa: F811
+    gen: torch.Generator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At GOAWAY (maximum connection age) the client retires its stream, so the end of
+    the grace period finds nothing to cut: no stream is lost, no request retried."""
+    server = thread_server(model_dir, max_connection_age_s=0.3, max_connection_age_grace_s=0.3)
+    caplog.set_level(logging.INFO, logger="trainer.client")
+    streams: list[object] = []  # kept alive, so that ids are not reused
+
+    async def run() -> int:
+        config = ClientConfig(endpoints=(server.address,), max_retries=0)
+        async with AsyncTeacherClient(config) as client:
+            await client.connect()
+            scored = 0
+            deadline = time.monotonic() + 2.5  # several ages and grace periods
+            while time.monotonic() < deadline:
+                specs = random_specs(gen, 4, max_len=24)
+                scored += len(await client.score_batch(specs))
+                streams.append(client._streams[server.address])
+                await asyncio.sleep(0.02)
+            return scored
+
+    try:
+        scored = asyncio.run(run())
+    finally:
+        server.stop()
+    distinct = len({id(stream) for stream in streams})
+    assert scored > 0 and distinct >= 2, "the stream never moved: nothing shown"
+    cut = [r.getMessage() for r in caplog.records if "max connection age" in r.getMessage()]
+    assert not cut, cut
 
 
 # -- end to end: three replicas, a fourth added, one leaving DNS, one killed -------------
