@@ -5,9 +5,9 @@ with EOS when they stopped). This module turns them into the trainer's `Batch` l
 (trainer/rollout.py: B rows, prompt + response right-padded, T = longest response), runs
 the student once without gradient for its top-K ids and token log-probs (the built-in
 loop records the same during sampling; TRL's generation, HF or vLLM, does not), and
-builds the Dense support S and the teacher log-probs on it exactly as
-`trainer.train.dense_term` does. Shapes: B rows, T response positions, L = prompt +
-response length, V vocabulary, K student top-K, K' support width, M teachers, H hidden.
+builds the Dense support S and the teacher log-probs on it with the loop's own
+`trainer.train.topk_support_and_teacher`. Shapes: B rows, T response positions, L = prompt +
+response length, V vocabulary, K student top-K, K' support width, M teachers.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from trainer.config import DenseConfig
-from trainer.ops import build_support, teacher_logprobs_on_support
 from trainer.rollout import Batch, ResponseLogits, Rollouts
 from trainer.teacher_source import TeacherOutput
+from trainer.train import topk_support_and_teacher
 
 
 def rollout_batch(
@@ -40,16 +40,6 @@ def rollout_batch(
         group_size,
     )
     return rollouts.layout(pad_id)
-
-
-def response_hidden(
-    lm: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """Final hidden states at the response rows, [B, T, H]: ResponseLogits without the
-    LM head (which the fused op applies chunk by chunk)."""
-    hidden = lm.get_decoder()(input_ids=input_ids).last_hidden_state  # [B, L, H]
-    idx = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    return hidden.gather(1, idx)
 
 
 @torch.no_grad()
@@ -80,37 +70,11 @@ def dense_support(
     vocab_size: int,
     cfg: DenseConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(support ids [N, K'] int64, teacher log-probs on it [M, N, K'] float32), chosen and
-    filled as trainer.train.dense_term does for cfg.support "student", "teacher", "union"."""
-    N = student_topk.shape[0]
-    t_ids = [o.topk_ids.reshape(N, -1) for o in outputs]  # M × [N, Kt]
-    if cfg.support == "student":
-        support = student_topk
-    elif cfg.support == "teacher":
-        support = build_support("teacher", cfg.k, teacher_topk_ids=torch.cat(t_ids, -1))
-    elif cfg.support == "union":
-        support = build_support(
-            "teacher", cfg.k, teacher_topk_ids=torch.cat([student_topk, *t_ids], -1)
-        )
-    else:
+    """(support ids [N, K'] int64, teacher log-probs on it [M, N, K'] float32): the loop's
+    own `topk_support_and_teacher`, for cfg.support "student", "teacher" or "union"."""
+    if cfg.support == "full":
         raise ValueError(
             f"dense.support {cfg.support!r}: the TRL trainer takes a top-K support "
             "('student', 'teacher' or 'union'); 'full' needs full teacher logits"
         )
-    lq = torch.stack(
-        [
-            teacher_logprobs_on_support(
-                support,
-                vocab_size,
-                ids,
-                o.topk_logprobs.reshape(N, -1),
-                o.leftover_logmass.reshape(N),
-                query_ids=student_topk if o.query_logprobs is not None else None,
-                query_logprobs=None
-                if o.query_logprobs is None
-                else o.query_logprobs.reshape(N, -1),
-            )
-            for ids, o in zip(t_ids, outputs, strict=True)
-        ]
-    )  # [M, N, K']
-    return support, lq
+    return topk_support_and_teacher(student_topk.shape[0], vocab_size, outputs, student_topk, cfg)

@@ -61,7 +61,6 @@ from trainer.client import TeacherError
 from trainer.config import DenseConfig, RunConfig, SparseConfig, TeacherSpec, client_id_for
 from trainer.integrations.trl_layout import (
     dense_support,
-    response_hidden,
     rollout_batch,
     student_topk_and_logprobs,
 )
@@ -76,6 +75,7 @@ from trainer.objective import (
 )
 from trainer.ops.dispatch import Backend
 from trainer.ops.fused_lm_head import fused_lm_head_topk_kl
+from trainer.student_head import ResponseHidden, lm_head
 from trainer.teacher_source import open_teachers
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,7 @@ class HybridGRPOTrainer(GRPOTrainer):
         self.hybrid = hybrid
         lm = self.accelerator.unwrap_model(self.model)
         self._vocab = int(lm.config.vocab_size)
-        if getattr(lm.config, "final_logit_softcapping", None):
-            raise ValueError("students with final_logit_softcapping are not supported")
+        lm_head(lm)  # raises for heads the fused op cannot reproduce (soft-capping, ...)
         rank = self.accelerator.process_index
         self.client_id = client_id_for(RunConfig(client_id=hybrid.client_id), rank)
         self._teachers = open_teachers(
@@ -262,14 +261,15 @@ class HybridGRPOTrainer(GRPOTrainer):
         mask = inputs["hd_mask"]  # [B, T]
         B, T = mask.shape
         N = B * T
-        hidden = response_hidden(lm, inputs["hd_input_ids"], inputs["hd_positions"])  # [B, T, H]
-        head = lm.get_output_embeddings()
-        hidden = hidden.to(head.weight.dtype)  # bf16 autocast (TRL's default) leaves fp32 weights
+        # The loop's own route (trainer/student_head.py): decoder once, response rows gathered.
+        hidden = ResponseHidden(lm)(inputs["hd_input_ids"], inputs["hd_positions"])  # [B, T, H]
+        weight, bias = lm_head(lm)
+        h = hidden.reshape(N, -1)
         lq = inputs["hd_lq"].transpose(0, 1)  # [M, B, T, K']
         res = fused_lm_head_topk_kl(
-            hidden.reshape(N, -1),
-            head.weight,
-            head.bias,
+            h,
+            weight.to(h.dtype),  # as the loop: under bf16 autocast the op runs in bf16
+            None if bias is None else bias.to(h.dtype),
             inputs["hd_targets"].reshape(N),
             inputs["hd_support"].reshape(N, -1),
             lq.reshape(lq.shape[0], N, -1),
@@ -280,7 +280,7 @@ class HybridGRPOTrainer(GRPOTrainer):
             backend=self.hybrid.backend,
         )
         norm = self.hybrid.sparse.normalisation
-        kl, lp = res.kl.reshape(B, T), res.token_logprob.reshape(B, T)
+        kl, lp = res.kl.reshape(B, T), res.token_logprob.float().reshape(B, T)
         dense = normalise(kl, mask, norm)
         sparse = sparse_surrogate(lp, inputs["hd_advantages"], mask, norm)
         loss = self.hybrid.dense.kl_coef * dense + sparse
