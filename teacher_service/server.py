@@ -38,6 +38,7 @@ from teacher_service.config import ServerConfig, parse_args
 from teacher_service.gpu_memory import NvmlReader
 from teacher_service.http import HttpServer, build_app
 from teacher_service.metrics import Metrics
+from teacher_service.safe_decode import SafeDecodeInterceptor
 from teacher_service.scheduler import Scheduler, SchedulerConfig
 from teacher_service.security import BearerAuthInterceptor, TokenFile, server_credentials
 from teacher_service.servicer import HostedTeacher, TeacherServicer, add_to_server, teacher_info
@@ -300,7 +301,8 @@ async def _start_grpc(
     token: str | TokenFile | None = config.auth_token
     if config.auth_token_file is not None:  # re-read on rotation
         token = TokenFile(config.auth_token_file, config.credentials_check_s)
-    interceptors = [BearerAuthInterceptor(token)] if token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [BearerAuthInterceptor(token)] if token else []
+    interceptors.append(SafeDecodeInterceptor())  # after auth: unparsable bytes -> INVALID_ARGUMENT
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),

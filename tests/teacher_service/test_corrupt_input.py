@@ -119,6 +119,33 @@ def test_unparsable_info_is_invalid_argument(tiny_server: ThreadedServer) -> Non
     assert _requests_total(tiny_server, "Info", "INVALID_ARGUMENT") == before + 1
 
 
+OPEN_METHODS = [
+    ("/grpc.health.v1.Health/Check", "unary_unary"),
+    ("/grpc.health.v1.Health/Watch", "unary_stream"),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream"),
+]
+
+
+@pytest.mark.parametrize(("method", "kind"), OPEN_METHODS, ids=[m for m, _ in OPEN_METHODS])
+def test_unparsable_bytes_on_open_services_are_invalid_argument(
+    tiny_server: ThreadedServer, method: str, kind: str
+) -> None:
+    """Health and reflection (open without a token) refuse bytes that do not parse."""
+    with grpc.insecure_channel(tiny_server.address) as channel:
+        call = getattr(channel, kind)(
+            method, request_serializer=_identity, response_deserializer=_identity
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            if kind == "stream_stream":
+                list(call(iter([b"\xff\xff\xff"]), timeout=30))
+            elif kind == "unary_stream":
+                next(iter(call(b"\xff\xff\xff", timeout=30)))
+            else:
+                call(b"\xff\xff\xff", timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert caught.value.details().startswith("request: 3 bytes do not parse")
+
+
 def test_corrupt_frames_on_a_stream_get_errors_and_the_stream_goes_on(
     tiny_server: ThreadedServer, tiny_model_dir: Path
 ) -> None:
@@ -176,17 +203,27 @@ def test_a_flood_of_corrupt_requests_logs_at_most_one_line(
             request_serializer=_identity,
             response_deserializer=pb.ScoreStreamResponse.FromString,
         )
-        codes = set()
+        health = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=_identity,
+            response_deserializer=_identity,
+        )
+        codes, health_codes = set(), set()
         for i in range(FLOOD):
             try:
                 score(UNPARSABLE[i % len(UNPARSABLE)][1](i), timeout=30)
             except grpc.RpcError as error:
                 codes.add(error.code())
+            try:
+                health(UNPARSABLE[i % len(UNPARSABLE)][1](i), timeout=30)
+            except grpc.RpcError as error:
+                health_codes.add(error.code())
         streamed = []
         try:
             streamed.extend(stream(iter([b"\xff\xff\xff"] * FLOOD), timeout=60))
         except grpc.RpcError as error:
             codes.add(error.code())
+    assert health_codes == {grpc.StatusCode.INVALID_ARGUMENT}  # open even with a token
     expected = grpc.StatusCode.UNAUTHENTICATED if fresh_server.config.auth_token else None
     if expected is None:
         assert codes == {grpc.StatusCode.INVALID_ARGUMENT}
@@ -194,7 +231,10 @@ def test_a_flood_of_corrupt_requests_logs_at_most_one_line(
     else:
         assert codes == {expected} and not streamed
     lines = [r for r in caplog.records if r.levelno >= logging.INFO and _about_requests(r)]
-    assert len(lines) <= 1, [r.getMessage() for r in lines]
+    # One line per kind at most: Score's refusals (or the token's), health's refusals.
+    by_logger = {r.name: [x for x in lines if x.name == r.name] for r in lines}
+    assert all(len(v) <= 1 for v in by_logger.values()), [r.getMessage() for r in lines]
+    assert len(lines) <= 2, [r.getMessage() for r in lines]
     tracebacks = [(r.name, r.getMessage(), r.exc_info) for r in caplog.records if r.exc_info]
     assert not tracebacks, tracebacks
 
