@@ -261,6 +261,11 @@ async def start_server(
             metrics.teacher_info.labels(
                 spec.name, meta.model_name, meta.revision, meta.backend
             ).set(1)
+        if config.backend == "vllm":
+            from teacher_service.backends.vllm_backend import engine_metrics_view
+
+            # The engine's own metrics on the same /metrics (dashboard: KV cache, queue).
+            metrics.registry.register(engine_metrics_view())
         servicer = TeacherServicer(
             teachers,
             config.default_teacher,

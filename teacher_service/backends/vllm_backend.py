@@ -50,6 +50,7 @@ from teacher_service.backends import vllm_parent_death
 from teacher_service.backends.health import DEFAULT_MAX_FAILED_BATCHES, FailureStreak
 from teacher_service.backends.torch_backend import directory_revision
 from teacher_service.backends.vllm_rows import full_row_result, last_rows, topk_result
+from teacher_service.engine_metrics import PrefixView
 from teacher_service.errors import ErrorKind, ServiceError, invalid, unavailable
 from teacher_service.fingerprint import tokenizer_fingerprint
 from teacher_service.types import ScoreItem, ScoreResult, TeacherMeta
@@ -266,6 +267,7 @@ class VllmBackend:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         config = AutoConfig.from_pretrained(self._dir)
         text_config = config.get_text_config()
@@ -295,7 +297,9 @@ class VllmBackend:
             enable_prefix_caching=self._prefix_caching,
             **kwargs,
         )
-        return AsyncLLM.from_engine_args(args)
+        # Prometheus only (no periodic stats log lines): vLLM records its engine metrics
+        # in this process's registry, which `engine_metrics_view` re-exports.
+        return AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger])
 
     def _engine_max_model_len(self, text_config: Any) -> int | None:
         """vLLM's max_model_len: the longest scored sequence plus the generated token's slot.
@@ -468,6 +472,20 @@ class VllmBackend:
         if final is None or final.prompt_logprobs is None:
             raise RuntimeError(f"vllm request {request_id} finished without prompt log-probs")
         return final
+
+
+def engine_metrics_view() -> PrefixView:
+    """vLLM's engine metrics (`vllm:*`: KV-cache usage, running and waiting requests, ...)
+    as a collector for the service's registry.
+
+    The engine records them in the registry `get_prometheus_registry()` names (the
+    process-wide one, or a multiprocess one under PROMETHEUS_MULTIPROC_DIR). Each new
+    engine's logger replaces the previous one's families there, so with several vLLM
+    teachers in one process the families describe the one started last.
+    """
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    return PrefixView(get_prometheus_registry, "vllm:")
 
 
 def _check_cpu_head_size(text_config: Any) -> None:

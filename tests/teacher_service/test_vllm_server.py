@@ -144,6 +144,7 @@ def test_full_length_peaked_and_saturated_then_clean_shutdown(
             assert info.teachers[0].max_sequence_length == POSITIONS
             check_peaked_leftover(client, reference)
             check_health_under_saturation(client, server.http_port)
+            check_engine_metrics(server.http_port)
         engine = server.descendants()
         assert engine, "vLLM runs its engine in child processes"
         server.proc.send_signal(signal.SIGTERM)
@@ -163,6 +164,16 @@ def test_full_length_peaked_and_saturated_then_clean_shutdown(
         assert not wait_gone(engine, 30), "engine processes outlived a clean shutdown"
     finally:
         server.kill()
+
+
+def check_engine_metrics(http_port: int) -> None:
+    """vLLM's own engine metrics are on the service's /metrics (the dashboard's KV-cache
+    and queue panels and TeacherKvCacheFull read them), after real scoring traffic."""
+    text = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=30).text
+    for name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running"):
+        assert f"# TYPE {name} gauge" in text, name
+    assert "vllm:num_requests_waiting" in text
+    assert "teacher_service_requests_total" in text
 
 
 def check_peaked_leftover(client: pb_grpc.TeacherServiceStub, reference: torch.nn.Module) -> None:
