@@ -83,17 +83,32 @@ def dense_kl(
 def _prepare(
     student_logits: torch.Tensor,
     support_ids: torch.Tensor,
+    teacher_logprobs_at_support: torch.Tensor,
+    teacher_leftover_logmass: torch.Tensor | None,
+    teacher_num_returned: torch.Tensor | int | None,
+    teacher_known: torch.Tensor | None,
     row_weights: torch.Tensor | None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks shared by both backends, before the fill rule reads anything: the support
-    range (one host sync), the row weights' length; then drops repeated ids (S is a set)."""
+    range (one host sync), the row weights' length; then drops repeated ids (S is a set)
+    and fills the teachers' missing log-probs. Returns (ids [N, K], lq [M, N, K])."""
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
     N, V = student_logits.shape
     check_support_ids(support_ids, N, V)
     if row_weights is not None and (row_weights.dim() != 1 or row_weights.shape[0] != N):
         raise ValueError(f"row_weights must be [{N}] (one per row), got {tuple(row_weights.shape)}")
-    return dedupe_support(support_ids.to(student_logits.device)).contiguous()
+    ids = dedupe_support(support_ids.to(student_logits.device)).contiguous()
+    lq = fill_missing_teacher_logprobs(
+        teacher_logprobs_at_support,
+        ids,
+        V,
+        teacher_leftover_logmass,
+        teacher_num_returned,
+        teacher_known,
+        row_weights=row_weights,
+    )
+    return ids, lq
 
 
 def topk_kl(
@@ -125,15 +140,14 @@ def topk_kl(
     LM-head matmul); the torch path always gives a dense gradient.
     Returns TopKKLResult(kl [N], student_mass [N], tail [N]), fp32; kl is differentiable.
     """
-    ids = _prepare(student_logits, support_ids, row_weights)
-    lq = fill_missing_teacher_logprobs(
+    ids, lq = _prepare(
+        student_logits,
+        support_ids,
         teacher_logprobs_at_support,
-        ids,
-        student_logits.shape[-1],
         teacher_leftover_logmass,
         teacher_num_returned,
         teacher_known,
-        row_weights=row_weights,
+        row_weights,
     )
     if use_triton(student_logits, backend):
         from trainer.ops.topk_kl_kernel import topk_kl_triton
@@ -170,15 +184,14 @@ def topk_kl_support_grad(
     """
     if mode == "exact":
         raise ValueError("the 'exact' gradient is dense: use topk_kl and autograd instead")
-    ids = _prepare(student_logits, support_ids, row_weights)
-    lq = fill_missing_teacher_logprobs(
+    ids, lq = _prepare(
+        student_logits,
+        support_ids,
         teacher_logprobs_at_support,
-        ids,
-        student_logits.shape[-1],
         teacher_leftover_logmass,
         teacher_num_returned,
         teacher_known,
-        row_weights=row_weights,
+        row_weights,
     )
     if use_triton(student_logits, backend):
         from trainer.ops.topk_kl_kernel import topk_kl_support_grad_triton
