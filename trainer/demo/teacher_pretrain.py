@@ -113,7 +113,10 @@ def supervised_train(
     (inputs, targets) pair of [B, L]: targets[:, t] is predicted from inputs[:, :t]);
     one-cycle LR. Returns the last loss."""
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    # OneCycleLR ends its warm-up at step pct_start·steps − 1 and divides by that: a
+    # warm-up of exactly one step (10 % of 10 steps) would be a division by zero.
+    pct_start = 0.1 if abs(0.1 * steps - 1.0) > 1e-9 else 0.15
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=pct_start)
     lm.train()
     bar = tqdm(range(steps), desc=desc, unit="step")
     loss = torch.zeros(())
