@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import socket
 import types
@@ -116,8 +117,15 @@ class TeacherSpec:
     client_key: str = ""  # PEM client private key (mutual TLS)
     server_name: str = ""  # name the server's certificate must carry, if not the host
     deadline_s: float = 60.0
+    # dns:///name:port endpoints are resolved again this often (new replicas get load)
+    resolve_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.resolve_interval_s) and self.resolve_interval_s > 0):
+            raise ValueError(
+                f"teacher {self.name!r}: resolve_interval_s must be finite and > 0, "
+                f"got {self.resolve_interval_s}"
+            )
         if bool(self.model_dir) == bool(self.endpoints):
             raise ValueError(
                 f"teacher {self.name!r}: set exactly one of model_dir (in-process) "

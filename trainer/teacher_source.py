@@ -164,6 +164,7 @@ class ServiceTeacher:
                 token=self._token,
                 tls=tls,
                 deadline_s=spec.deadline_s,
+                resolve_interval_s=spec.resolve_interval_s,
             )
         )
         self.vocab_size = 0

@@ -178,3 +178,21 @@ def test_tls_is_on_when_asked_or_when_any_tls_path_is_set() -> None:
     for f in ("ca_cert", "server_name"):
         assert TeacherSpec(endpoints=("h:1",), **{f: "x"}).uses_tls
     assert TeacherSpec(endpoints=("h:1",), client_cert="c", client_key="k").uses_tls
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_resolve_interval_must_be_positive_and_finite(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"teacher 'x': resolve_interval_s must be finite and > 0"):
+        TeacherSpec(name="x", endpoints=("dns:///teacher:50051",), resolve_interval_s=bad)
+
+
+def test_resolve_interval_reaches_the_client(seed: int) -> None:
+    from trainer.teacher_source import ServiceTeacher
+
+    interval = 1.0 + seed % 97
+    spec = TeacherSpec(name="x", endpoints=("dns:///teacher:50051",), resolve_interval_s=interval)
+    teacher = ServiceTeacher(spec, client_id="c")
+    try:
+        assert teacher._client.config.resolve_interval_s == interval
+    finally:
+        teacher.close()
