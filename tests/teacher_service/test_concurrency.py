@@ -29,14 +29,14 @@ def test_concurrent_clients_each_get_their_own_rows(
     print(f"seed={seed}")  # shown when the test fails
     gen = torch.Generator().manual_seed(seed)
     ref = Reference.load(tiny_model_dir)
-    work = []  # per client: [(ids, start, top_k, expected token log-probs, expected top-1)]
+    work = []  # per client: [(ids, start, top_k, expected token log-probs, reference rows)]
     for _ in range(CLIENTS):
         mine = []
         for _ in range(PER_CLIENT):
             ids, start = random_sequence(gen, TINY_VOCAB, max_len=96)
             logp = ref.logprobs(ids, start)
             k = int(torch.randint(1, 17, (1,), generator=gen))
-            mine.append((ids, start, k, logp.gather(1, ids[start:, None])[:, 0], logp.max(1)))
+            mine.append((ids, start, k, logp.gather(1, ids[start:, None])[:, 0], logp))
         work.append(mine)
     barrier = threading.Barrier(CLIENTS)
     failures: list[str] = []
@@ -67,14 +67,16 @@ def test_concurrent_clients_each_get_their_own_rows(
                     responses = [r.result for r in stream]
                 assert len(responses) == PER_CLIENT
                 for response in responses:
-                    ids, start, k, token_lp, top1 = work[index][int(response.request_id)]
+                    ids, start, k, token_lp, logp = work[index][int(response.request_id)]
                     got = decode_result(response)
                     assert got.topk_ids.shape == (ids.shape[0] - start, k)
                     torch.testing.assert_close(got.token_logprobs, token_lp, atol=1e-5, rtol=1e-5)
-                    torch.testing.assert_close(
-                        got.topk_logprobs[:, 0], top1.values, atol=1e-5, rtol=1e-5
-                    )
-                    assert bool((got.topk_ids[:, 0] == top1.indices).all())
+                    # The top-1 is the row's maximum. Batched with other clients' rows, a near-tie
+                    # (within float32 rounding) may name either id, so check the value at the id.
+                    top1 = logp.max(1).values
+                    torch.testing.assert_close(got.topk_logprobs[:, 0], top1, atol=1e-5, rtol=1e-5)
+                    at_id = logp.gather(1, got.topk_ids[:, :1].long())[:, 0]
+                    torch.testing.assert_close(at_id, top1, atol=1e-5, rtol=1e-5)
             except Exception as exc:  # collected: assertion errors in threads are silent
                 failures.append(f"client {index}: {exc!r}")
 

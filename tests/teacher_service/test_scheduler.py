@@ -20,6 +20,7 @@ from teacher_service.metrics import Metrics
 from teacher_service.scheduler import Scheduler, SchedulerConfig
 from teacher_service.types import ScoreItem, ScoreResult, TeacherMeta
 from tests.teacher_service.conftest import TINY_VOCAB
+from tests.teacher_service.wire import assert_same_topk
 
 VOCAB = TINY_VOCAB
 
@@ -76,7 +77,7 @@ def test_results_match_direct_backend_scoring(tiny_model_dir: Path) -> None:
         )
         direct = await backend.inner.score(items)
         for got, want in zip(results, direct, strict=True):
-            assert torch.equal(got.topk_ids, want.topk_ids)
+            assert_same_topk(got.topk_ids, got.topk_logprobs, want.topk_ids, want.topk_logprobs)
             torch.testing.assert_close(got.token_logprobs, want.token_logprobs)
         # Batching really happened: fewer backend calls than sequences.
         assert len(backend.batches) < len(items)
@@ -255,7 +256,7 @@ def test_an_item_the_backend_refuses_fails_alone(tiny_model_dir: Path) -> None:
         direct = await backend.inner.score(good)
         for got, want in zip(outcomes, direct, strict=True):
             assert isinstance(got, ScoreResult)
-            assert torch.equal(got.topk_ids, want.topk_ids)
+            assert_same_topk(got.topk_ids, got.topk_logprobs, want.topk_ids, want.topk_logprobs)
         await scheduler.close()
         await backend.close()
 
