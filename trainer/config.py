@@ -182,15 +182,31 @@ class DenseConfig:
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """The Sparse term ∇log π(y_t|s_t)·(G_t^γ − b)."""
+    """The Sparse term ∇log π(y_t|s_t)·(G_t^γ − b).
 
-    gamma: float = 0.0
+    `gamma` and `lam` are a number (constant) or a schedule over the training step
+    (trainer/schedules.py). γ must stay in [0, 1]; only γ = 1 is unbiased for L
+    (MATH.md § Future return), so a γ schedule that ends at 1 is unbiased from then on.
+    """
+
+    gamma: LambdaSchedule = field(default_factory=LambdaSchedule)
     lam: LambdaSchedule = field(default_factory=LambdaSchedule)
     # loo / loo_position / none are unbiased; mean_std, std_position are biased
     # (trainer/objective.py group_advantages; test_theorem1.py proves both).
     baseline: Literal["loo", "loo_position", "mean_std", "std_position", "none"] = "loo"
     normalisation: Literal["sequence", "token"] = "sequence"
     cost_clip: float | None = None  # clip each c_t in the future returns (biased)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gamma, int | float):  # SparseConfig(gamma=0.5): a constant
+            object.__setattr__(self, "gamma", LambdaSchedule.from_config(self.gamma))
+        if isinstance(self.lam, int | float):
+            object.__setattr__(self, "lam", LambdaSchedule.from_config(self.lam))
+        # Every kind stays between start and end (exp is clamped at end), so bounding
+        # both bounds γ(k) for every step.
+        for name, value in (("start", self.gamma.start), ("end", self.gamma.end)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"sparse.gamma.{name} must be in [0, 1], got {value}")
 
 
 @dataclass(frozen=True)

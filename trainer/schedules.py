@@ -1,6 +1,8 @@
-"""Schedules for the reward weight λ over the training step k (MATH.md § Schedules, paper §5.1).
+"""Schedules over the training step k for the reward weight λ (MATH.md § Schedules, paper
+§5.1) and the discount γ of the future costs (SparseConfig.gamma, which keeps it in [0, 1]).
 
-Small λ early (imitation, "cold start"), large late (reward). All forms hold their final
+Small λ early (imitation, "cold start"), large late (reward); γ = 0 while the student is
+far from its teacher, 1 once it is near (docs/results.md § γ > 0). All forms hold their final
 value after `steps`:
 
     constant  λ(k) = start
@@ -8,6 +10,7 @@ value after `steps`:
     exp       λ(k) = start · exp(rate · k), clamped at end (a cap when end > start, a floor
               when end < start),  rate = ln(end / start) / steps if unset
     cosine    λ(k) = start + (end − start) · (1 − cos(π · min(k / steps, 1))) / 2
+    step      λ(k) = start for k < steps, end from then on (a switch)
 
 Usage: LambdaSchedule("linear", start=0.0, end=1.0, steps=1000)(step) -> float.
 """
@@ -19,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-ScheduleKind = Literal["constant", "linear", "exp", "cosine"]
+ScheduleKind = Literal["constant", "linear", "exp", "cosine", "step"]
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,12 @@ class LambdaSchedule:
     rate: float | None = None  # "exp" only: growth per step, ln-units (< 0 decays)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("constant", "linear", "exp", "cosine"):
+        if self.kind not in ("constant", "linear", "exp", "cosine", "step"):
             raise ValueError(f"unknown schedule kind {self.kind!r}")
         if self.start < 0 or (self.end is not None and self.end < 0):
-            raise ValueError("λ must be >= 0 (it weights a reward to maximise)")
+            raise ValueError(
+                f"a schedule's start and end must be >= 0, got {self.start}, {self.end}"
+            )
         if self.kind == "constant":
             return
         if self.end is None:
@@ -63,7 +68,7 @@ class LambdaSchedule:
             return cls("constant", start=float(cfg))
         unknown = set(cfg) - {"kind", "start", "end", "steps", "rate"}
         if unknown:
-            raise ValueError(f"unknown λ schedule fields: {sorted(unknown)}")
+            raise ValueError(f"unknown schedule fields: {sorted(unknown)}")
         return cls(**dict(cfg))
 
     def __call__(self, step: int) -> float:
@@ -79,6 +84,8 @@ class LambdaSchedule:
             value = self.start * math.exp(rate * step)
             # Clamp towards end: a cap when growing, a floor when decaying (end < start).
             return min(end, value) if end >= self.start else max(end, value)
+        if self.kind == "step":
+            return self.start if step < self.steps else end  # type: ignore[operator]
         frac = min(step / self.steps, 1.0)  # type: ignore[operator]
         if self.kind == "cosine":
             frac = (1.0 - math.cos(math.pi * frac)) / 2.0

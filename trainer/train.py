@@ -285,7 +285,7 @@ def train(config: TrainConfig) -> TrainResult:
 
         for step in range(start_step, run.steps):
             t_step = time.perf_counter()
-            lam = scfg.lam(step)
+            lam, gamma = scfg.lam(step), scfg.gamma(step)
             waited = 0.0
             sums: dict[str, float] = {}
             optimizer.zero_grad(set_to_none=True)
@@ -354,7 +354,7 @@ def train(config: TrainConfig) -> TrainResult:
                         None if rewards is None else rewards.to(info.device),
                         reward_weights=r_weights,
                         teacher_weights=t_weights,
-                        gamma=scfg.gamma,
+                        gamma=gamma,
                         lam=lam,
                         kl_coef=dcfg.kl_coef,
                         group_size=ro.group_size,
@@ -395,6 +395,7 @@ def train(config: TrainConfig) -> TrainResult:
             step_s = time.perf_counter() - t_step
             sums |= {
                 "lam": lam,
+                "gamma": gamma,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "teacher_wait_frac": waited / step_s,

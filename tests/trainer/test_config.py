@@ -58,6 +58,7 @@ def test_file_maps_onto_frozen_dataclasses(tmp_path: Path, seed: int) -> None:
     assert config.optim.lr == pytest.approx(3e-4)  # YAML reads "3e-4" as a string
     assert config.optim.betas == (0.8, 0.9)
     assert config.sparse.lam(5) == pytest.approx(1.0)
+    assert config.sparse.gamma(0) == config.sparse.gamma(10**6) == 0.5  # a number: constant
     assert [r.fn for r in config.rewards] == ["exact_match", "pkg.mod:fn"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.run.steps = 3  # type: ignore[misc]
@@ -94,6 +95,7 @@ def test_teacher_shortcut_points_every_teacher_at_the_endpoint(tmp_path: Path) -
         (["--rollout.group_size", "2.5"], "expected an integer"),
         (["--run.resume", "maybe"], "expected true/false"),
         (["--dense.support", "full", "--teacher", "h:1"], "needs full teacher logits"),
+        (["--sparse.gamma", "1.5"], "sparse.gamma.start must be in [0, 1], got 1.5"),
     ],
 )
 def test_bad_values_fail_naming_the_key(argv: list[str], message: str, capsys) -> None:
@@ -196,3 +198,18 @@ def test_resolve_interval_reaches_the_client(seed: int) -> None:
         assert teacher._client.config.resolve_interval_s == interval
     finally:
         teacher.close()
+
+
+def test_gamma_schedule_from_the_file_and_its_bounds(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    at = rng.randrange(1, 500)
+    path, _ = _write(tmp_path, rng)
+    text = path.read_text().replace(
+        "gamma: 0.5", f"gamma: {{kind: step, start: 0, end: 1, steps: {at}}}"
+    )
+    path.write_text(text)
+    gamma = load_config(path).sparse.gamma
+    assert (gamma(at - 1), gamma(at), gamma(10 * at)) == (0.0, 1.0, 1.0)
+    path.write_text(text.replace("end: 1,", "end: 1.25,"))
+    with pytest.raises(ValueError, match=r"sparse.gamma.end must be in \[0, 1\], got 1.25"):
+        load_config(path)

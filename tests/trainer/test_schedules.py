@@ -49,6 +49,12 @@ def test_cosine(rng):
     assert s(n // 10) < a + (b - a) * 0.1  # slow start, unlike linear
 
 
+def test_step_switches_once(rng):
+    a, b, n = rng.uniform(0, 1), rng.uniform(0, 1), rng.randint(1, 1000)
+    s = LambdaSchedule.from_config({"kind": "step", "start": a, "end": b, "steps": n})
+    assert [s(k) for k in (0, n - 1, n, 10 * n)] == [a, a, b, b]
+
+
 def test_validation():
     with pytest.raises(ValueError):
         LambdaSchedule("linear", start=0.0, end=1.0)  # no steps

@@ -20,12 +20,13 @@ from tests.trainer.test_train_fixtures import VOCAB, tiny_config, tiny_models
 from trainer.config import TeacherSpec
 from trainer.metrics import GAUGES
 from trainer.rollout import sample
+from trainer.schedules import LambdaSchedule
 from trainer.teacher_source import LocalTeacher, ServiceTeacher, check_handshake
 from trainer.train import train
 
 METRIC_KEYS = {
     "loss", "dense_kl", "sparse_surrogate", "objective", "kl", "kl_sampled", "reward",
-    "reward/token_accuracy", "reward/exact_match", "lam", "student_mass", "tail",
+    "reward/token_accuracy", "reward/exact_match", "lam", "gamma", "student_mass", "tail",
     "teacher_wait_frac", "tokens_per_s", "step_time_s", "lr", "grad_norm", "response_len",
 }  # fmt: skip
 
@@ -138,6 +139,28 @@ def test_two_half_weight_copies_of_a_teacher_equal_one_teacher(
     for key in ("loss", "dense_kl", "kl", "kl_sampled", "objective", "grad_norm"):
         for a, b in zip(runs[0], runs[1], strict=True):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+def test_gamma_schedule_switches_the_future_costs_on_at_its_step(tmp_path: Path) -> None:
+    """γ = 0 for step 0, 1 from step 1: step 0 is the γ = 0 run's step exactly; at step 1
+    (same parameters, same samples) only the returns differ, by the future costs."""
+    runs = {}
+    for name, gamma in (("g0", LambdaSchedule()), ("switch", LambdaSchedule("step", 0.0, 1.0, 1))):
+        config = tiny_config(tmp_path, tmp_path / name)
+        sparse = dataclasses.replace(config.sparse, gamma=gamma)
+        config = dataclasses.replace(
+            config, sparse=sparse, run=dataclasses.replace(config.run, steps=2)
+        )
+        runs[name] = train(config).history
+    g0, switch = runs["g0"], runs["switch"]
+    assert [r["gamma"] for r in g0] == [0.0, 0.0] and [r["gamma"] for r in switch] == [0.0, 1.0]
+    assert g0[0] | {"step_time_s": 0, "tokens_per_s": 0, "teacher_wait_frac": 0} == switch[0] | {
+        "step_time_s": 0,
+        "tokens_per_s": 0,
+        "teacher_wait_frac": 0,
+    }
+    assert switch[1]["kl_sampled"] == pytest.approx(g0[1]["kl_sampled"], rel=1e-6)
+    assert abs(switch[1]["return_mean"] - g0[1]["return_mean"]) > 1e-3
 
 
 @pytest.mark.gpu

@@ -227,14 +227,14 @@ class HybridGRPOTrainer(GRPOTrainer):
 
         # Sparse weights A = G_t^γ − b, per group (objective.py, as hybrid_loss does).
         dcfg, scfg = self.hybrid.dense, self.hybrid.sparse
-        lam = scfg.lam(self.state.global_step)
+        lam, gamma = scfg.lam(self.state.global_step), scfg.gamma(self.state.global_step)
         mask = batch.mask.to(dev)
         lq_tok = torch.stack([o.token_logprobs for o in outputs]).to(dev)  # [M, B, T]
         c0 = token_costs(lp.to(dev), lq_tok, self._t_weights, mask)  # [B, T]
         c = dcfg.kl_coef * c0
         kind = "none" if G < 2 else scfg.baseline
         c_ret = c if scfg.cost_clip is None else c.clamp(-scfg.cost_clip, scfg.cost_clip)
-        adv = group_advantages(future_returns(c_ret, mask, scfg.gamma), r, mask, G, kind, lam=lam)
+        adv = group_advantages(future_returns(c_ret, mask, gamma), r, mask, G, kind, lam=lam)
 
         # Dense support and the teachers' log-probs on it.
         N = B * T

@@ -26,7 +26,7 @@ class TraceTask(SyntheticTask):
     alphabet: int = 10
     digits: int = 12
     corrupt: float = 0.0
-    teacher_steps: int = 400
+    teacher_steps: int = 2000  # 400 gave a weak teacher (reward 0.29; docs/results.md)
 
     @property
     def prompt_len(self) -> int:
