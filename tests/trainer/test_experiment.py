@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from trainer.experiment import cli
 from trainer.experiment.files import try_lock, unlock, write_json
 from trainer.experiment.grid import load_grid
-from trainer.experiment.report import reach, smoothed
+from trainer.experiment.report import comparison, reach, smoothed, summarise
 
 BASE = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "base.yaml"
 
@@ -96,3 +97,47 @@ def test_grid_file_errors_name_the_key(tmp_path: Path) -> None:
     bad.write_text(f"base: {BASE}\ntasks: [reversal]\nmethods: {{a: {{from: zz}}}}\n")
     with pytest.raises(ValueError, match="zz"):
         load_grid(bad)
+
+
+def _record(method: str, steps: int, reach_at: int | None, final: float, **config) -> dict:
+    """A run record whose reward jumps from 0 to 1 at `reach_at` (never when None)."""
+    hist = [{"step": i + 1, "reward": float(reach_at is not None and i + 1 >= reach_at),
+             "teacher_tokens": 1.0} for i in range(steps)]  # fmt: skip
+    base = {"dense": {"kl_coef": 1.0}, "sparse": {"lam": {"start": 2.0, "end": None}}}
+    for key, value in config.items():
+        base[key] = value
+    return {"task": "t", "method": method, "kind": "offline" if method == "offline" else "onpolicy",
+            "seed": 0, "overrides": {}, "steps": steps, "teacher": {"reward": 1.0},
+            "final": {"reward": final, "accuracy": final, "kl": 0.0}, "history": hist,
+            "wall_s": 1.0, "config": base}  # fmt: skip
+
+
+@pytest.mark.parametrize("pure_rl_reaches", [False, True])
+def test_comparison_answers_the_issue_question_per_hybrid(pure_rl_reaches: bool) -> None:
+    rng = random.Random()
+    n = rng.randrange(200, 400)
+    fast, slow = rng.randrange(20, n // 5 - 10), rng.randrange(n // 5 + 30, n - 20)
+    rl_at = rng.randrange(slow + 10, n) if pure_rl_reaches else None
+    off_final = rng.uniform(0.3, 0.7)
+    records = [
+        _record("pure_rl", n, rl_at, 0.1, dense={"kl_coef": 0.0}),
+        _record("opd", n, slow, 0.9, sparse={"lam": {"start": 0.0, "end": None}}),
+        _record("offline", n, slow, off_final),
+        _record("fast", n, fast, off_final + 0.05),
+        _record("slow", n, slow, off_final - 0.05),
+        _record("never", n, None, 0.0),
+    ]
+    rows = summarise(records)
+    assert {r["method"]: r["role"] for r in rows} == {
+        "pure_rl": "pure_rl", "opd": "opd", "offline": "offline",
+        "fast": "hybrid", "slow": "hybrid", "never": "hybrid",
+    }  # fmt: skip
+    table = {line.split(" | ")[1]: line for line in comparison(rows).splitlines()[2:]}
+    assert set(table) == {"fast", "slow", "never"}  # opd and the baselines are not hybrids
+    denominator = rl_at + 10 - 1 if pure_rl_reaches else n  # a full window after the jump
+    fast_ratio = (fast + 10 - 1) / denominator
+    fast_verdict = "yes" if fast_ratio <= 0.2 else "no"  # always "yes" for a bound h / n
+    assert f"{fast_ratio:.2f}" in table["fast"] and f"| {fast_verdict} | +0.050" in table["fast"]
+    slow_verdict = "no" if pure_rl_reaches else "unknown"
+    assert f"| {slow_verdict} | -0.050" in table["slow"] and table["slow"].endswith("| no |")
+    assert "not reached (0/1 seeds) | no |" in table["never"]

@@ -15,6 +15,11 @@ Per (task, method), over the seeds that finished (mean ± sample std, n = seeds)
   last `window` training steps: a per-token KL can rise while the per-sequence KL, the
   quantity the objective sums, falls (responses cut short; docs/results.md).
 
+Then, per task, the issue's question for every hybrid method (Dense + reward): did it
+reach 95 % in at most a fifth of pure RL's steps, and does it end at or above offline
+distillation? When pure RL never reached 95 % in N steps, hybrid steps / N is an upper
+bound on the ratio.
+
 Writes <out>/results.{csv,json,md} and <out>/plots/<task>_reward_vs_{step,tokens}.png.
 """
 
@@ -79,6 +84,19 @@ def _ms(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def role(record: dict[str, Any]) -> str:
+    """What a run is in the comparison: offline, pure_rl (β = 0), opd (λ ≡ 0) or hybrid."""
+    if record["kind"] == "offline":
+        return "offline"
+    config = record.get("config") or {}
+    if config.get("dense", {}).get("kl_coef", 1.0) == 0:
+        return "pure_rl"
+    lam = config.get("sparse", {}).get("lam", {})
+    if not lam.get("start") and not lam.get("end"):
+        return "opd"
+    return "hybrid"
+
+
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for rec in records:
@@ -88,8 +106,9 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         hits = [reach(r) for r in recs]
         steps = [float(s) for s, _ in hits if s is not None]
         toks = [float(t) for s, t in hits if s is not None]
-        row: dict[str, Any] = {"task": task, "method": method, "seeds": len(recs),
-                               "steps": recs[0]["steps"], "reached": len(steps)}  # fmt: skip
+        row: dict[str, Any] = {"task": task, "method": method, "role": role(recs[0]),
+                               "seeds": len(recs), "steps": recs[0]["steps"],
+                               "reached": len(steps)}  # fmt: skip
         for name, xs in (
             ("steps_to_95", steps),
             ("teacher_tokens_to_95", toks),
@@ -135,6 +154,43 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {_fmt(r, 'final_kl')} | {_fmt(r, 'final_len', 1)} | {_fmt(r, 'final_kl_seq', 1)} "
             f"| {r['teacher_reward']:.3f} | `{r['overrides']}` |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(hyb: dict[str, Any], rl: dict[str, Any] | None) -> tuple[str, str]:
+    """(ratio text, verdict) for "hybrid steps to 95 % ≤ 1/5 of pure RL's"."""
+    if hyb["reached"] < hyb["seeds"]:
+        return f"not reached ({hyb['reached']}/{hyb['seeds']} seeds)", "no"
+    if rl is None:
+        return "no pure RL run", "—"
+    h = hyb["steps_to_95"]
+    if rl["reached"] == 0:  # pure RL needs more than its N steps: h / N bounds the ratio
+        bound = h / rl["steps"]
+        return f"< {bound:.2f} (pure RL > {rl['steps']})", "yes" if bound <= 0.2 else "unknown"
+    ratio = h / rl["steps_to_95"]
+    partial = "" if rl["reached"] == rl["seeds"] else f" (pure RL {rl['reached']}/{rl['seeds']})"
+    return f"{ratio:.2f}{partial}", "yes" if ratio <= 0.2 else "no"
+
+
+def comparison(rows: list[dict[str, Any]]) -> str:
+    """The issue's question per task and hybrid method, as a Markdown table."""
+    lines = ["| task | hybrid method | steps to 95 % | vs pure RL's steps | ≤ 1/5 | "
+             "final − offline (± s.e.) | ≥ offline |", "|" + "---|" * 7]  # fmt: skip
+    for task in sorted({r["task"] for r in rows}):
+        of = {r["role"]: r for r in rows if r["task"] == task and r["role"] != "hybrid"}
+        for hyb in (r for r in rows if r["task"] == task and r["role"] == "hybrid"):
+            text, verdict = _ratio(hyb, of.get("pure_rl"))
+            steps = "—" if not hyb["reached"] else f"{hyb['steps_to_95']:,.0f}"
+            off = of.get("offline")
+            if off is None:
+                diff, above = "no offline run", "—"
+            else:
+                d = hyb["final_reward"] - off["final_reward"]
+                se = math.sqrt(hyb["final_reward_std"] ** 2 / hyb["seeds"]
+                               + off["final_reward_std"] ** 2 / off["seeds"])  # fmt: skip
+                diff, above = f"{d:+.3f} ± {se:.3f}", "yes" if d >= 0 else "no"
+            lines.append(f"| {task} | {hyb['method']} | {steps} | {text} | {verdict} "
+                         f"| {diff} | {above} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -197,7 +253,7 @@ def write_report(out: Path, with_plots: bool = True) -> list[dict[str, Any]]:
         writer.writeheader()
         writer.writerows(rows)
         write_atomic(out / "results.csv", buf.getvalue())
-    write_atomic(out / "results.md", markdown(rows))
+    write_atomic(out / "results.md", markdown(rows) + "\n" + comparison(rows))
     if with_plots and records:
         plots(records, out)
     return rows
