@@ -241,6 +241,7 @@ class HybridGRPOTrainer(GRPOTrainer):
         support, lq = dense_support(outputs, batch.student_topk.reshape(N, -1), self._vocab, dcfg)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["hybrid/lam"].append(lam)
+        self._metrics[mode]["hybrid/gamma"].append(gamma)
         # The sampled KL estimate Σ_t c_t / tokens (c_t = Σ_m w_m (log π − log q_m)).
         self._metrics[mode]["hybrid/kl_sampled"].append(float(c0.sum() / mask.sum().clamp_min(1)))
         out.update(
@@ -334,8 +335,8 @@ class HybridGRPOTrainer(GRPOTrainer):
             return
         names = {"reward": "reward", "hybrid/kl": "kl", "hybrid/student_mass": "student_mass",
                  "hybrid/tail": "tail", "hybrid/teacher_wait_frac": "teacher_wait_frac",
-                 "hybrid/lam": "lam", "hybrid/loss": "loss", "hybrid/kl_sampled": "kl_sampled",
-                 "step_time": "step_time_s"}  # fmt: skip
+                 "hybrid/lam": "lam", "hybrid/gamma": "gamma", "hybrid/loss": "loss",
+                 "hybrid/kl_sampled": "kl_sampled", "step_time": "step_time_s"}  # fmt: skip
         row = {b: float(logs[a]) for a, b in names.items() if logs.get(a) is not None}
         self._runlog.log(self.state.global_step, row)
 
