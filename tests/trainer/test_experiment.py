@@ -141,3 +141,26 @@ def test_comparison_answers_the_issue_question_per_hybrid(pure_rl_reaches: bool)
     slow_verdict = "no" if pure_rl_reaches else "unknown"
     assert f"| {slow_verdict} | -0.050" in table["slow"] and table["slow"].endswith("| no |")
     assert "not reached (0/1 seeds) | no |" in table["never"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["--threads", "-2"], "--threads must be >= 1, got -2"),
+        (["--grid", "missing.yaml"], "--grid: no such file: missing.yaml"),
+        (["--only", "nowhere/"], "--only nowhere/ matches none of the grid's 2 runs"),
+        (["--typo"], "method hybrid_g0: config.sparse: unknown keys ['lamb']"),
+    ],
+)
+def test_bad_run_arguments_fail_before_any_run_naming_what_is_wrong(
+    tmp_path: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid = _smoke_grid(tmp_path)
+    if argv == ["--typo"]:
+        grid.write_text(grid.read_text().replace("sparse.lam:", "sparse.lamb:"))
+        argv = []
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--grid", str(grid), "--out", str(tmp_path / "out"), *argv])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was built or run

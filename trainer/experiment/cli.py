@@ -16,6 +16,8 @@ import argparse
 import logging
 from pathlib import Path
 
+import yaml
+
 from trainer.experiment.grid import load_grid
 from trainer.experiment.report import write_report
 from trainer.experiment.runner import helper_commands, renice, run_grid
@@ -44,9 +46,21 @@ def main(argv: list[str] | None = None) -> int:
         rows = write_report(args.out, with_plots=not args.no_plots)
         print((args.out / "results.md").read_text() if rows else "no finished runs")
         return 0
-    renice(args.nice)  # before anything heavy; helpers inherit it
-    grid = load_grid(args.grid)
+    for flag, value in (("--jobs", args.jobs), ("--threads", args.threads)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if not args.grid.is_file():
+        parser.error(f"--grid: no such file: {args.grid}")
+    try:
+        grid = load_grid(args.grid)
+    except (ValueError, yaml.YAMLError) as exc:
+        parser.error(f"--grid {args.grid}: {exc}")
     only = tuple(args.only)
+    if only and not any(r.key.startswith(only) for r in grid.runs()):
+        keys = [r.key for r in grid.runs()]
+        parser.error(f"--only {' '.join(only)} matches none of the grid's {len(keys)} runs "
+                     f"(keys look like {keys[0]!r})")  # fmt: skip
+    renice(args.nice)  # before anything heavy; helpers inherit it
     helpers = [] if args.helper else helper_commands(_run_argv(args), args.jobs)
     status = run_grid(
         grid, args.out, threads=args.threads, progress=not args.helper, helpers=helpers,

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from trainer.config import load_config
 from trainer.tasks import get_task
 
 _KEYS = {"base", "steps", "seeds", "tasks", "eval_prompts", "warm_steps", "train_prompts",
@@ -127,12 +128,18 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
     tasks = tuple(raw["tasks"])
     for t in (*tasks, *abl.get("tasks", ())):
         get_task(t)  # raises on an unknown task
+    base = (p.parent / raw["base"]).resolve()
+    for m in (*methods, *ablations):  # a typo fails here, not in every run of the grid
+        try:
+            load_config(base, {"student.model_dir": "-", "data.prompts": "-", **m.overrides})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{p}: method {m.name}: {exc}") from exc
     steps = int(raw.get("steps", 150))
     if steps < 1:
         raise ValueError(f"{p}: steps must be >= 1, got {steps}")
     return Grid(
         path=p,
-        base=(p.parent / raw["base"]).resolve(),
+        base=base,
         steps=steps,
         seeds=tuple(int(s) for s in raw.get("seeds", (0,))),
         tasks=tasks,
