@@ -121,6 +121,8 @@ def test_comparison_answers_the_issue_question_per_hybrid(pure_rl_reaches: bool)
     off_final = rng.uniform(0.3, 0.7)
     records = [
         _record("pure_rl", n, rl_at, 0.1, dense={"kl_coef": 0.0}),
+        # A shorter pure RL run that never got there: the comparison uses the longest.
+        _record("pure_rl_short", n // 2, None, 0.1, dense={"kl_coef": 0.0}),
         _record("opd", n, slow, 0.9, sparse={"lam": {"start": 0.0, "end": None}}),
         _record("offline", n, slow, off_final),
         _record("fast", n, fast, off_final + 0.05),
@@ -129,7 +131,7 @@ def test_comparison_answers_the_issue_question_per_hybrid(pure_rl_reaches: bool)
     ]
     rows = summarise(records)
     assert {r["method"]: r["role"] for r in rows} == {
-        "pure_rl": "pure_rl", "opd": "opd", "offline": "offline",
+        "pure_rl": "pure_rl", "pure_rl_short": "pure_rl", "opd": "opd", "offline": "offline",
         "fast": "hybrid", "slow": "hybrid", "never": "hybrid",
     }  # fmt: skip
     table = {line.split(" | ")[1]: line for line in comparison(rows).splitlines()[2:]}

@@ -177,7 +177,9 @@ def comparison(rows: list[dict[str, Any]]) -> str:
     lines = ["| task | hybrid method | steps to 95 % | vs pure RL's steps | ≤ 1/5 | "
              "final − offline (± s.e.) | ≥ offline |", "|" + "---|" * 7]  # fmt: skip
     for task in sorted({r["task"] for r in rows}):
-        of = {r["role"]: r for r in rows if r["task"] == task and r["role"] != "hybrid"}
+        # One row per baseline role; of several (pure RL run for longer), the longest.
+        base = [r for r in rows if r["task"] == task and r["role"] != "hybrid"]
+        of = {r["role"]: r for r in sorted(base, key=lambda r: r["steps"])}
         for hyb in (r for r in rows if r["task"] == task and r["role"] == "hybrid"):
             text, verdict = _ratio(hyb, of.get("pure_rl"))
             steps = "—" if not hyb["reached"] else f"{hyb['steps_to_95']:,.0f}"
