@@ -66,8 +66,13 @@ def test_submit_overlaps_scoring_with_the_rollout_loop(
         with InFlightSampler(server) as sampler:
             for g in range(groups):
                 _student_work(0.03)  # sample the next group
-                # Earlier groups scored while this one was being sampled?
-                done_while_sampling = sum(f.done() for f in futures)
+                # Earlier groups are scored while this one is sampled. Under load that may
+                # take longer than 0.03 s, so the work goes on (up to 30 s) until one is
+                # done; a client that only scored inside result() would never get there.
+                deadline = time.monotonic() + 30
+                while g and not any(f.done() for f in futures) and time.monotonic() < deadline:
+                    _student_work(0.01)
+                done_while_sampling = max(done_while_sampling, sum(f.done() for f in futures))
                 for spec in specs[g * group_size : (g + 1) * group_size]:
                     futures.append(client.submit(spec))  # returns at once: see below
             _student_work(0.03)  # e.g. the student's own forward
