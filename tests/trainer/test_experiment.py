@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,60 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     status = cli.main(["run", "--grid", str(grid), "--out", str(out)])
     assert status == 0
     assert (out / "runs/reversal/offline/seed0/result.json").stat().st_mtime_ns == stamp
+
+
+def test_offline_steps_train_offline_first_then_on_policy_from_that_student(
+    tmp_path: Path,
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    steps, n_off = 8, random.randrange(2, 6)
+    grid = tmp_path / "warm.yaml"
+    grid.write_text(
+        f"base: {BASE}\nsteps: {steps}\nseeds: [0]\ntasks: [reversal]\neval_prompts: 16\n"
+        "warm_steps: 3\ntrain_prompts: 50\nteacher_steps: 8\n"
+        "methods:\n  hybrid_g0: {sparse.lam: 2.0, rollout.prompts_per_step: 2, "
+        "rollout.group_size: 2}\n"
+        f"  warm: {{from: hybrid_g0, offline_steps: {n_off}}}\n"
+    )
+    out = tmp_path / "out"
+    argv = ["run", "--grid", str(grid), "--out", str(out), "--only", "reversal/warm/"]
+    assert cli.main(argv) == 0
+    run = out / "runs/reversal/warm/seed0"
+    rec = json.loads((run / "result.json").read_text())
+    hist = rec["history"]
+    assert rec["offline_steps"] == n_off and len(hist) == steps
+    assert [h["step"] for h in hist] == list(range(1, steps + 1))
+    # The offline rows carry no λ (the on-policy loop logs it); every row counts teacher tokens.
+    assert ["lam" in h for h in hist] == [False] * n_off + [True] * (steps - n_off)
+    assert all(h["teacher_tokens"] > 0 for h in hist)
+    # The on-policy phase trained the offline phase's student, not the grid's warm start.
+    assert rec["config"]["student"]["model_dir"] == str(run / "offline_student")
+    assert rec["config"]["run"]["steps"] == steps - n_off
+    init = load_file(out / "shared/students/reversal-seed0/model.safetensors")
+    warm = load_file(run / "offline_student" / "model.safetensors")
+    assert any(not torch.equal(init[k], warm[k]) for k in init)
+    row = json.loads((out / "results.json").read_text())[0]
+    assert row["role"] == "hybrid" and json.loads(row["overrides"])["offline_steps"] == n_off
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("{offline_steps: -1}", "methods.a.offline_steps must be an integer >= 0, got -1"),
+        ("{offline_steps: 2.5}", "methods.a.offline_steps must be an integer >= 0, got 2.5"),
+        ("{kind: offline, offline_steps: 2}", "offline_steps needs an on-policy method"),
+        ("{offline_steps: 5}", "offline_steps (5) must be below steps (5)"),
+    ],
+)
+def test_offline_steps_errors_name_the_method_and_bound(
+    tmp_path: Path, spec: str, message: str
+) -> None:
+    bad = tmp_path / "g.yaml"
+    bad.write_text(f"base: {BASE}\nsteps: 5\ntasks: [reversal]\nmethods: {{a: {spec}}}\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_grid(bad)
 
 
 def test_locks_are_exclusive_and_stale_ones_are_taken_over(tmp_path: Path) -> None:

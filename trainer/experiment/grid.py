@@ -15,6 +15,11 @@
       tasks: [reversal]
       methods:
         mode_sparse: {from: hybrid_g0, dense.mode: sparse}   # `from` copies a method
+        warm_hybrid: {from: hybrid_g0, offline_steps: 500}     # offline first, then on-policy
+
+`offline_steps: N` (on-policy methods): the run's first N steps are offline distillation
+(offline.py) and the on-policy loop trains the resulting student for the other steps; the
+step and teacher-token counts cover both phases (the usual SFT-then-RL pipeline).
 
 A run is (task, method, seed); its directory is <out>/runs/<task>/<method>/seed<k>.
 `runs()` lists them in the order they are run: task by task (every main method and seed
@@ -40,11 +45,13 @@ _KEYS = {"base", "steps", "seeds", "tasks", "eval_prompts", "warm_steps", "train
 
 @dataclass(frozen=True)
 class Method:
-    """A named variant: `kind` "onpolicy" (trainer.train with `overrides`) or "offline"."""
+    """A named variant: `kind` "onpolicy" (trainer.train with `overrides`) or "offline";
+    an on-policy method may start with `offline_steps` steps of offline distillation."""
 
     name: str
     overrides: Mapping[str, Any]
     kind: str = "onpolicy"
+    offline_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,16 +103,26 @@ def _methods(raw: Mapping[str, Any], known: dict[str, Method], where: str) -> li
         spec = dict(spec or {})
         parent = spec.pop("from", None)
         kind = spec.pop("kind", None)
+        offline_steps = spec.pop("offline_steps", None)
         if parent is not None:
             if parent not in known:
                 raise ValueError(f"{where}.{name}.from: unknown method {parent!r}")
             base = known[parent]
             spec = {**base.overrides, **spec}
             kind = kind or base.kind
+            offline_steps = base.offline_steps if offline_steps is None else offline_steps
         kind = kind or "onpolicy"
         if kind not in ("onpolicy", "offline"):
             raise ValueError(f"{where}.{name}.kind must be 'onpolicy' or 'offline', got {kind!r}")
-        m = Method(name, spec, kind)
+        offline_steps = 0 if offline_steps is None else offline_steps
+        whole = isinstance(offline_steps, int) and not isinstance(offline_steps, bool)
+        if not whole or offline_steps < 0:
+            raise ValueError(f"{where}.{name}.offline_steps must be an integer >= 0, "
+                             f"got {offline_steps!r}")  # fmt: skip
+        if offline_steps and kind != "onpolicy":
+            raise ValueError(f"{where}.{name}.offline_steps needs an on-policy method, "
+                             f"not kind {kind!r}")  # fmt: skip
+        m = Method(name, spec, kind, offline_steps)
         known[name] = m
         out.append(m)
     return out
@@ -137,6 +154,10 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
     steps = int(raw.get("steps", 150))
     if steps < 1:
         raise ValueError(f"{p}: steps must be >= 1, got {steps}")
+    for m in (*methods, *ablations):
+        if m.offline_steps >= steps:
+            raise ValueError(f"{p}: method {m.name}: offline_steps ({m.offline_steps}) must be "
+                             f"below steps ({steps}), leaving on-policy steps")  # fmt: skip
     return Grid(
         path=p,
         base=base,

@@ -85,12 +85,13 @@ def _ms(xs: list[float]) -> tuple[float, float]:
 
 
 def role(record: dict[str, Any]) -> str:
-    """What a run is in the comparison: offline, pure_rl (β = 0), opd (λ ≡ 0) or hybrid."""
+    """What a run is in the comparison: offline, pure_rl (β = 0), opd (λ ≡ 0) or hybrid;
+    after an offline phase (`offline_steps`), β = 0 is offline_rl (not pure RL's bound)."""
     if record["kind"] == "offline":
         return "offline"
     config = record.get("config") or {}
     if config.get("dense", {}).get("kl_coef", 1.0) == 0:
-        return "pure_rl"
+        return "offline_rl" if record.get("offline_steps") else "pure_rl"
     lam = config.get("sparse", {}).get("lam", {})
     if not lam.get("start") and not lam.get("end"):
         return "opd"
@@ -123,7 +124,10 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ):  # fmt: skip
             row[name], row[name + "_std"] = _ms(xs)
         row["teacher_reward"] = recs[0]["teacher"]["reward"]
-        row["overrides"] = json.dumps(recs[0]["overrides"], sort_keys=True)
+        shown = dict(recs[0]["overrides"])
+        if recs[0].get("offline_steps"):
+            shown["offline_steps"] = recs[0]["offline_steps"]
+        row["overrides"] = json.dumps(shown, sort_keys=True)
         rows.append(row)
     return rows
 

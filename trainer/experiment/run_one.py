@@ -24,6 +24,7 @@ import torch
 
 from trainer.config import RewardSpec, TeacherSpec, load_config
 from trainer.demo.evaluate import evaluate
+from trainer.demo.teacher_pretrain import save_model
 from trainer.experiment.files import write_json
 from trainer.experiment.grid import Grid, Run, load_grid
 from trainer.experiment.models import (
@@ -93,14 +94,27 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
         rewards=tuple(RewardSpec(fn, w) for fn, w in REWARDS),
     )
     B = config.rollout.prompts_per_step * config.rollout.group_size * config.optim.accum_steps
+    n_off = run.method.offline_steps
     if run.method.kind == "offline":
         off = train_offline(config, OfflineConfig())
         history, student = off.history, off.student
     else:
+        history = []
+        if n_off:  # offline distillation first; the on-policy loop starts from its student
+            off_cfg = dataclasses.replace(config, run=dataclasses.replace(config.run, steps=n_off))
+            off = train_offline(off_cfg, OfflineConfig())
+            history = off.history
+            warm = save_model(off.student, task, rdir / "offline_student")  # type: ignore[arg-type]
+            config = dataclasses.replace(
+                config,
+                student=dataclasses.replace(config.student, model_dir=str(warm)),
+                run=dataclasses.replace(config.run, steps=grid.steps - n_off),
+            )
         result = train(config)
-        history, student = result.history, result.student
-        for row in history:  # teacher tokens the step needed: its response tokens scored
+        student = result.student
+        for row in result.history:  # teacher tokens the step needed: its response tokens scored
             row["teacher_tokens"] = 0.0 if config.dense.kl_coef == 0 else row["response_len"] * B
+        history = history + result.history
     fns, ws = reward_fns()
     teacher = load_lm(tdir)
     final = evaluate(student, eval_examples(task, grid.eval_prompts), fns, ws, teacher=teacher)
@@ -110,6 +124,7 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
         "kind": run.method.kind,
         "seed": run.seed,
         "overrides": dict(run.method.overrides),
+        "offline_steps": n_off,
         "steps": grid.steps,
         "samples_per_step": B,
         "teacher": teacher_eval(tdir),
