@@ -118,6 +118,15 @@ def test_offline_steps_errors_name_the_method_and_bound(
         load_grid(bad)
 
 
+@pytest.mark.parametrize(
+    "path", sorted(p for p in BASE.parent.glob("*.yaml") if p != BASE), ids=lambda p: p.name
+)
+def test_shipped_grids_load(path: Path) -> None:
+    """Every grid under configs/experiments/ parses, with every method's overrides valid."""
+    grid = load_grid(path)
+    assert grid.runs() and grid.base == BASE
+
+
 def test_locks_are_exclusive_and_stale_ones_are_taken_over(tmp_path: Path) -> None:
     lock = tmp_path / "run" / "lock"
     assert try_lock(lock)
