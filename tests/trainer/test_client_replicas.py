@@ -481,7 +481,16 @@ def test_load_spreads_over_replicas_follows_dns_and_survives_a_kill(
 
             # 4. A live replica leaves DNS: its requests finish, then every client
             #    closes its stream there (the server sees none open) while load goes on.
+            #    Each client re-resolves on its own clock: until it has, the replica is
+            #    still in its DNS answer and it may open a stream there (its old one can
+            #    have just aged out, so "none open" alone does not mean everyone left).
             resolver.set([HOSTS[2], HOSTS[3]])
+            leaver = f"{HOSTS[0]}:{grpc_port}"
+            _wait_for(
+                lambda: all(leaver not in c._client._balancer.endpoints for c in clients),
+                30,
+                "every client to drop 127.0.0.1",
+            )
             _wait_for(
                 lambda: _open_streams(HOSTS[0], http_port) == 0, 30, "streams to leave 127.0.0.1"
             )
