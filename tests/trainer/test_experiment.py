@@ -127,6 +127,50 @@ def test_shipped_grids_load(path: Path) -> None:
     assert grid.runs() and grid.base == BASE
 
 
+def test_grid_student_size_builds_that_student_and_refuses_a_cached_other(
+    tmp_path: Path,
+) -> None:
+    heads = random.choice([1, 2, 4])
+    hidden = heads * random.choice([8, 16])
+    grid = tmp_path / "small.yaml"
+    body = (
+        f"base: {BASE}\nsteps: 2\nseeds: [0]\ntasks: [reversal]\neval_prompts: 8\n"
+        "warm_steps: 2\ntrain_prompts: 20\nteacher_steps: 4\n"
+        "methods:\n  opd: {sparse.lam: 0.0, rollout.prompts_per_step: 2, rollout.group_size: 2}\n"
+    )
+    grid.write_text(body + f"student: {{hidden: {hidden}, layers: 1, heads: {heads}}}\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", "--grid", str(grid), "--out", str(out)]) == 0
+    cfg = json.loads((out / "shared/students/reversal-seed0/config.json").read_text())
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]) == (
+        hidden, 1, heads)  # fmt: skip
+    rec = json.loads((out / "runs/reversal/opd/seed0/result.json").read_text())
+    assert rec["student"] == {"hidden": hidden, "layers": 1, "heads": heads, "max_positions": 64}
+
+    # The same --out with another student size: refused, naming both, before training.
+    grid.write_text(body)  # the default size
+    (out / "runs/reversal/opd/seed0/result.json").unlink()
+    assert cli.main(["run", "--grid", str(grid), "--out", str(out)]) == 1
+    failed = (out / "runs/reversal/opd/seed0/failed.json").read_text()
+    assert "holds a student built as" in failed and "use another --out" in failed
+
+
+@pytest.mark.parametrize(
+    ("student", "message"),
+    [
+        ("{hidden: 64, layers: 2}", "student must be a mapping with exactly the keys"),
+        ("{hidden: 64, layers: 0, heads: 2}", "student.layers must be an integer >= 1, got 0"),
+        ("{hidden: 64, layers: 2, heads: 2.0}", "student.heads must be an integer >= 1"),
+        ("{hidden: 60, layers: 2, heads: 8}", "student.hidden (60) must be a multiple of"),
+    ],
+)
+def test_grid_student_errors_name_the_field(tmp_path: Path, student: str, message: str) -> None:
+    bad = tmp_path / "g.yaml"
+    bad.write_text(f"base: {BASE}\ntasks: [reversal]\nmethods: {{a: {{}}}}\nstudent: {student}\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_grid(bad)
+
+
 def test_locks_are_exclusive_and_stale_ones_are_taken_over(tmp_path: Path) -> None:
     lock = tmp_path / "run" / "lock"
     assert try_lock(lock)

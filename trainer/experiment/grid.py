@@ -8,6 +8,8 @@
     warm_steps: 30             # the student's warm start (tasks/teachers.py)
     train_prompts: 4000
     teacher_steps: 300         # optional: override every task's teacher training length
+    student: {hidden: 64, layers: 2, heads: 2}   # optional: the student's size (default
+                                                 # tasks/teachers.py STUDENT_SIZE)
     methods:                   # name -> dotted trainer-config overrides
       hybrid_g0: {sparse.lam: 2.0}
       offline: {kind: offline} # offline distillation (offline.py), not the on-policy loop
@@ -37,10 +39,13 @@ from typing import Any
 import yaml
 
 from trainer.config import load_config
+from trainer.demo.teacher_pretrain import ModelSize
 from trainer.tasks import get_task
+from trainer.tasks.teachers import STUDENT_SIZE
 
 _KEYS = {"base", "steps", "seeds", "tasks", "eval_prompts", "warm_steps", "train_prompts",
-         "teacher_steps", "methods", "ablations"}  # fmt: skip
+         "teacher_steps", "student", "methods", "ablations"}  # fmt: skip
+_STUDENT_KEYS = ("hidden", "layers", "heads")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class Grid:
     warm_steps: int = 30
     train_prompts: int = 4000
     teacher_steps: int | None = None  # None: each task's own (tasks/base.py)
+    student: ModelSize = STUDENT_SIZE
     raw: Mapping[str, Any] = field(default_factory=dict)
 
     def runs(self) -> list[Run]:
@@ -128,6 +134,23 @@ def _methods(raw: Mapping[str, Any], known: dict[str, Method], where: str) -> li
     return out
 
 
+def _student(raw: Any, where: Path) -> ModelSize:
+    """The `student` key: a size whose every field is a positive integer, heads | hidden."""
+    if raw is None:
+        return STUDENT_SIZE
+    if not isinstance(raw, Mapping) or set(raw) != set(_STUDENT_KEYS):
+        raise ValueError(f"{where}: student must be a mapping with exactly the keys "
+                         f"{list(_STUDENT_KEYS)}, got {raw!r}")  # fmt: skip
+    for key in _STUDENT_KEYS:
+        v = raw[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{where}: student.{key} must be an integer >= 1, got {v!r}")
+    if raw["hidden"] % raw["heads"]:
+        raise ValueError(f"{where}: student.hidden ({raw['hidden']}) must be a multiple of "
+                         f"student.heads ({raw['heads']})")  # fmt: skip
+    return ModelSize(hidden=raw["hidden"], layers=raw["layers"], heads=raw["heads"])
+
+
 def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Grid:
     """Reads a grid file; `overrides` replace top-level keys (e.g. {"steps": 20})."""
     p = Path(path)
@@ -171,5 +194,6 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
         warm_steps=int(raw.get("warm_steps", 30)),
         train_prompts=int(raw.get("train_prompts", 4000)),
         teacher_steps=None if raw.get("teacher_steps") is None else int(raw["teacher_steps"]),
+        student=_student(raw.get("student"), p),
         raw=raw,
     )

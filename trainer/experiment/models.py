@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from trainer.demo.evaluate import evaluate
-from trainer.demo.teacher_pretrain import save_model
+from trainer.demo.teacher_pretrain import ModelSize, save_model
 from trainer.experiment.files import locked, write_atomic, write_json
 from trainer.rewards import resolve_reward
 from trainer.tasks import REWARDS, SyntheticTask
-from trainer.tasks.teachers import train_teacher, warm_start
+from trainer.tasks.teachers import STUDENT_SIZE, train_teacher, warm_start
 
 EVAL_SEED = 12345  # held-out prompts: a different stream from the training prompts
 
@@ -53,16 +54,28 @@ def teacher_eval(teacher: Path) -> dict[str, float]:
     return json.loads((teacher / "teacher_eval.json").read_text())
 
 
-def student_init(shared: Path, task: SyntheticTask, seed: int, steps: int) -> Path:
-    """The student's warm start (shuffled answers, tasks/teachers.py) for (task, seed)."""
+def student_init(
+    shared: Path, task: SyntheticTask, seed: int, steps: int, size: ModelSize = STUDENT_SIZE
+) -> Path:
+    """The student's warm start (shuffled answers, tasks/teachers.py) for (task, seed).
+
+    One grid directory holds one student per (task, seed): a cached one of another size or
+    warm start is refused rather than reused (a grid whose `student` changed needs its own
+    --out)."""
     out = shared / "students" / f"{task.name}-seed{seed}"
-    if (out / "done.json").is_file():
-        return out
-    with locked(shared / "students" / f"{task.name}-seed{seed}.lock"):
-        if not (out / "done.json").is_file():
-            lm = warm_start(task, seed, steps)
-            save_model(lm, task, out)  # type: ignore[arg-type]
-            write_json(out / "done.json", {"task": task.name, "seed": seed, "steps": steps})
+    want = {"task": task.name, "seed": seed, "steps": steps, "size": asdict(size)}
+    if not (out / "done.json").is_file():
+        with locked(shared / "students" / f"{task.name}-seed{seed}.lock"):
+            if not (out / "done.json").is_file():
+                lm = warm_start(task, seed, steps, size=size)
+                save_model(lm, task, out)  # type: ignore[arg-type]
+                write_json(out / "done.json", want)
+    have = json.loads((out / "done.json").read_text())
+    # Students cached before the size was recorded are STUDENT_SIZE, the only size then.
+    have.setdefault("size", asdict(STUDENT_SIZE))
+    if have != want:
+        raise ValueError(f"{out} holds a student built as {have}, this grid wants {want}; "
+                         "use another --out (or remove it to rebuild)")  # fmt: skip
     return out
 
 

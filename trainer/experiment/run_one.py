@@ -71,7 +71,7 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
         task = dataclasses.replace(task, teacher_steps=grid.teacher_steps)
     shared = out / "shared"
     tdir = teacher_dir(shared, task, grid.eval_prompts)
-    sdir = student_init(shared, task, run.seed, grid.warm_steps)
+    sdir = student_init(shared, task, run.seed, grid.warm_steps, grid.student)
     prompts = prompts_file(shared, task, grid.train_prompts)
     rdir = run.directory(out)
     overrides = {
@@ -127,6 +127,7 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
         "offline_steps": n_off,
         "steps": grid.steps,
         "samples_per_step": B,
+        "student": dataclasses.asdict(grid.student),
         "teacher": teacher_eval(tdir),
         "final": final,
         "history": [_history_row(i, row) for i, row in enumerate(history)],

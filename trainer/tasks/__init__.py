@@ -3,6 +3,7 @@ reward and a teacher the project trains (teachers.py).
 
     reversal  reverse 5 symbols of 16                       (response 6 tokens)
     trace     prefix sums of 12 digits, written as a trace  (response 25 tokens)
+    trace_apart  the same trace, the sums in their own symbols (response 25 tokens)
     flawed    reversal, but the teacher copies on half the prompts (reward ≠ teacher)
 """
 
@@ -16,6 +17,9 @@ from trainer.tasks.trace import TraceTask
 TASKS: dict[str, SyntheticTask] = {
     "reversal": ReversalTask(),
     "trace": TraceTask(),
+    # The student learns this one from true answers in ~250 steps, trace not in 2,000
+    # (docs/results.md § "Why trace is slow"); its teacher needs fewer steps too.
+    "trace_apart": TraceTask(name="trace_apart", sums_apart=True, teacher_steps=600),
     "flawed": FlawedTeacherTask(),
 }
 

@@ -57,10 +57,14 @@ def train_teacher(task: SyntheticTask, seed: int = 0, batch_size: int = 64) -> L
 
 
 def warm_start(
-    task: SyntheticTask, seed: int, steps: int = 30, batch_size: int = 64
+    task: SyntheticTask,
+    seed: int,
+    steps: int = 30,
+    batch_size: int = 64,
+    size: ModelSize = STUDENT_SIZE,
 ) -> LlamaForCausalLM:
-    """A fresh student after `steps` supervised steps on shuffled correct answers."""
-    lm = new_model(task, STUDENT_SIZE, seed)  # type: ignore[arg-type]
+    """A fresh student of `size` after `steps` supervised steps on shuffled correct answers."""
+    lm = new_model(task, size, seed)  # type: ignore[arg-type]
     if steps <= 0:
         return lm.eval()
     rng = random.Random(10_000 + seed)

@@ -10,6 +10,11 @@ an early mistake spoils the rest of the answer (the reward counts positions agai
 true trace): the future costs of a token are what γ > 0 credits it with. The teacher is
 trained with teacher forcing (corrupt = 0): after a student's mistake it continues the
 trace consistently from the written prefix, which is the teacher such traces get.
+
+`sums_apart` writes the running sums with their own ten symbols (ids 15..24) instead of
+the digits' ids 5..14. With shared ids a student must tell from its position alone
+whether the next token is a digit to copy or a sum to compute (the parity of its distance
+from <sep>); docs/results.md § "Why trace is slow" measures what that costs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class TraceTask(SyntheticTask):
     digits: int = 12
     corrupt: float = 0.0
     teacher_steps: int = 2000  # 400 gave a weak teacher (reward 0.29; docs/results.md)
+    sums_apart: bool = False
 
     @property
     def prompt_len(self) -> int:
@@ -39,7 +45,8 @@ class TraceTask(SyntheticTask):
     def make_example(self, rng: random.Random) -> dict:
         ds = [rng.randrange(self.alphabet) for _ in range(self.digits)]
         answer, s = [], 0
+        sum_base = FIRST_SYMBOL + (self.alphabet if self.sums_apart else 0)
         for d in ds:
             s = (s + d) % self.alphabet
-            answer += [FIRST_SYMBOL + d, FIRST_SYMBOL + s]
+            answer += [FIRST_SYMBOL + d, sum_base + s]
         return {"prompt": [BOS, *(FIRST_SYMBOL + d for d in ds), SEP], "answer": answer}
