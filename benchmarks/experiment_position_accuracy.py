@@ -66,17 +66,27 @@ def measure(out: Path, task_name: str, groups: int, prompts: int) -> list[dict]:
     return results
 
 
-def markdown(results: list[dict], groups: int) -> str:
-    head = "| model | final reward |" + "".join(
-        f" group {g}: mean | min | < 0.5 |" for g in range(groups)
+def group_columns(groups: int, unlearned: bool = True) -> tuple[str, str]:
+    """The Markdown header cells and separator for `summarise`'s groups."""
+    names = "mean | min | < 0.5 |" if unlearned else "mean | min |"
+    head = "".join(f" group {g}: {names}" for g in range(groups))
+    return head, ("---|---|---|" if unlearned else "---|---|") * groups
+
+
+def group_cells(rows: list[dict], unlearned: bool = True) -> str:
+    """One table row's cells for `summarise(...)`'s output, as group_columns heads them."""
+    return "".join(
+        f" {g['mean']:.2f} | {g['min']:.2f} |" + (f" {g['unlearned']} |" if unlearned else "")
+        for g in rows
     )
-    lines = [head, "|---|---|" + "---|---|---|" * groups]
+
+
+def markdown(results: list[dict], groups: int) -> str:
+    head, rule = group_columns(groups)
+    lines = ["| model | final reward |" + head, "|---|---|" + rule]
     for r in results:
         reward = "—" if r["reward"] is None else f"{r['reward']:.3f}"
-        cells = "".join(
-            f" {g['mean']:.2f} | {g['min']:.2f} | {g['unlearned']} |" for g in r["groups"]
-        )
-        lines.append(f"| {r['model']} | {reward} |{cells}")
+        lines.append(f"| {r['model']} | {reward} |{group_cells(r['groups'])}")
     return "\n".join(lines)
 
 

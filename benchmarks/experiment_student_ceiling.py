@@ -30,7 +30,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.experiment_position_accuracy import position_accuracy, summarise
+from benchmarks.experiment_position_accuracy import (
+    group_cells,
+    group_columns,
+    position_accuracy,
+    summarise,
+)
 from trainer.demo.evaluate import evaluate
 from trainer.demo.teacher_pretrain import ModelSize, new_model
 from trainer.experiment.models import eval_examples, load_lm, reward_fns
@@ -87,13 +92,12 @@ def curve(
 
 
 def markdown(results: list[dict], groups: int) -> str:
-    head = "| heads | weight decay | seed | step | reward (T = 1) |" + "".join(
-        f" group {g}: mean | min |" for g in range(groups)
-    )
-    lines = [head, "|---|---|---|---|---|" + "---|---|" * groups]
+    head, rule = group_columns(groups, unlearned=False)
+    lines = ["| heads | weight decay | seed | step | reward (T = 1) |" + head,
+             "|---|---|---|---|---|" + rule]  # fmt: skip
     for r in results:
         for p in r["points"]:
-            cells = "".join(f" {g['mean']:.2f} | {g['min']:.2f} |" for g in p["groups"])
+            cells = group_cells(p["groups"], unlearned=False)
             lines.append(f"| {r['heads']} | {r['weight_decay']:g} | {r['seed']} | {p['step']} "
                          f"| {p['reward']:.3f} |{cells}")  # fmt: skip
     return "\n".join(lines)
