@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import random
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from trainer.experiment import cli
+from trainer.experiment.archive import archive, rounded
 from trainer.experiment.files import try_lock, unlock, write_json
 from trainer.experiment.grid import load_grid
-from trainer.experiment.report import comparison, reach, smoothed, summarise
+from trainer.experiment.report import comparison, load_results, reach, smoothed, summarise
 
 BASE = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "base.yaml"
 
@@ -63,6 +65,28 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert status == 0
     assert (out / "runs/reversal/offline/seed0/result.json").stat().st_mtime_ns == stamp
 
+    # Archived (the committed form): the same runs, and a report over them that matches
+    # the live one up to the archive's 6 significant digits.
+    arc = tmp_path / "archive"
+    assert cli.main(["archive", "--out", str(out), "--to", str(arc), "--no-plots"]) == 0
+    kept = sorted(str(p.relative_to(arc)) for p in arc.glob("runs/*/*/seed*/*"))
+    assert kept == [f"runs/reversal/{m}/seed0/result.json.gz" for m in ("hybrid_g0", "offline")]
+    _assert_rows_match(json.loads((arc / "results.json").read_text()), rows)
+    labels = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| rev")]
+    md = (arc / "results.md").read_text()
+    assert [line.split(" | ")[:2] for line in md.splitlines() if line.startswith("| rev")] == labels
+
+
+def _assert_rows_match(got: list[dict], want: list[dict]) -> None:
+    assert [(r["task"], r["method"]) for r in got] == [(r["task"], r["method"]) for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key, value in w.items():
+            if isinstance(value, float):
+                assert g[key] == pytest.approx(value, rel=1e-5, abs=1e-9, nan_ok=True), key
+            else:
+                assert g[key] == value, key
+
 
 def test_offline_steps_train_offline_first_then_on_policy_from_that_student(
     tmp_path: Path,
@@ -93,6 +117,13 @@ def test_offline_steps_train_offline_first_then_on_policy_from_that_student(
     # The on-policy phase trained the offline phase's student, not the grid's warm start.
     assert rec["config"]["student"]["model_dir"] == str(run / "offline_student")
     assert rec["config"]["run"]["steps"] == steps - n_off
+    # Each phase logged its steps as it went, into its own metrics.jsonl.
+    offline_log = [json.loads(x) for x in (run / "offline/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in offline_log] == list(range(1, n_off + 1))
+    assert [r["reward"] for r in offline_log] == [h["reward"] for h in hist[:n_off]]
+    train_log = (run / "train/metrics.jsonl").read_text().splitlines()
+    assert len(train_log) == steps - n_off
+    assert rec["warm_steps"] == 3 and rec["grid"] == str(grid)
     init = load_file(out / "shared/students/reversal-seed0/model.safetensors")
     warm = load_file(run / "offline_student" / "model.safetensors")
     assert any(not torch.equal(init[k], warm[k]) for k in init)
@@ -207,6 +238,32 @@ def test_grid_file_errors_name_the_key(tmp_path: Path) -> None:
         load_grid(bad)
 
 
+def test_archive_rounds_gzips_and_a_live_result_wins(tmp_path: Path) -> None:
+    rng = random.Random()
+    out, arc = tmp_path / "out", tmp_path / "arc"
+    records = {m: _record(m, rng.randrange(30, 60), None, rng.random()) for m in ("a", "b")}
+    for rec in records.values():
+        rec["history"][-1]["reward"] = rng.random()  # a float with all 17 digits
+        write_json(out / f"runs/t/{rec['method']}/seed0/result.json", rec)
+    assert len(archive(out, arc)) == 2
+    for m, rec in records.items():
+        path = arc / f"runs/t/{m}/seed0/result.json.gz"
+        kept = json.loads(gzip.decompress(path.read_bytes()))
+        assert kept == rounded(rec) and kept["history"][-1]["reward"] == float(
+            f"{rec['history'][-1]['reward']:.6g}"
+        )
+    first = (arc / "runs/t/a/seed0/result.json.gz").read_bytes()
+    archive(out, arc)  # unchanged runs archive to the same bytes: nothing to commit
+    assert (arc / "runs/t/a/seed0/result.json.gz").read_bytes() == first
+    # An archive holding a live result.json too reports the live one, once.
+    live = dict(records["a"], final={"reward": 0.5, "accuracy": 0.5, "kl": 0.0})
+    write_json(arc / "runs/t/a/seed0/result.json", live)
+    loaded = {r["method"]: r for r in load_results(arc)}
+    assert len(load_results(arc)) == 2 and loaded["a"]["final"]["reward"] == 0.5
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        archive(tmp_path / "empty", arc)
+
+
 def _record(method: str, steps: int, reach_at: int | None, final: float, **config) -> dict:
     """A run record whose reward jumps from 0 to 1 at `reach_at` (never when None)."""
     hist = [{"step": i + 1, "reward": float(reach_at is not None and i + 1 >= reach_at),
@@ -274,3 +331,13 @@ def test_bad_run_arguments_fail_before_any_run_naming_what_is_wrong(
         cli.main(["run", "--grid", str(grid), "--out", str(tmp_path / "out"), *argv])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing was built or run
+
+
+def test_archive_of_an_out_without_finished_runs_fails_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "out" / "runs" / "t" / "m" / "seed0").mkdir(parents=True)  # started, unfinished
+    with pytest.raises(SystemExit):
+        cli.main(["archive", "--out", str(tmp_path / "out"), "--to", str(tmp_path / "arc")])
+    assert f"--out {tmp_path / 'out'}: no finished run" in capsys.readouterr().err
+    assert not (tmp_path / "arc").exists()

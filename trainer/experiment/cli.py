@@ -3,9 +3,12 @@
     hybrid-distill experiment run --grid configs/experiments/grid.yaml \\
         --out runs/experiments/grid [--jobs 1] [--threads 1] [--nice 15] [--only TASK/METHOD]
     hybrid-distill experiment report --out runs/experiments/grid
+    hybrid-distill experiment archive --out runs/experiments/grid --to results/grid
 
 `run` is resumable (finished runs are skipped, failed ones retried) and parallel-safe
 (several `run` processes may share one --out), and writes the report when it ends.
+`archive` keeps the finished runs' records, small enough to commit (archive.py), and
+writes the report over the archive; `report --out` reads an archive like a live --out.
 Runs use the in-process teacher (trainer/teacher_source.py), not the gRPC service: the
 same top-K rows without a server process competing for the CPU (docs/results.md).
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from trainer.experiment.archive import archive
 from trainer.experiment.grid import load_grid
 from trainer.experiment.report import write_report
 from trainer.experiment.runner import helper_commands, renice, run_grid
@@ -40,8 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="write results.{csv,json,md} and plots")
     rep.add_argument("--out", type=Path, default=Path("runs/experiments/grid"))
     rep.add_argument("--no-plots", action="store_true")
+    arc = sub.add_parser("archive", help="keep finished runs small enough to commit, report")
+    arc.add_argument("--out", type=Path, required=True, help="a grid's --out")
+    arc.add_argument("--to", type=Path, required=True, help="the archive (merged into)")
+    arc.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "archive":
+        try:
+            written = archive(args.out, args.to)
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
+        size = sum(p.stat().st_size for p in written)
+        rows = write_report(args.to, with_plots=not args.no_plots)
+        print(f"archived {len(written)} runs ({size / 1e6:.2f} MB) into {args.to}; "
+              f"its report ({len(rows)} rows): {args.to / 'results.md'}")  # fmt: skip
+        return 0
     if args.command == "report":
         rows = write_report(args.out, with_plots=not args.no_plots)
         print((args.out / "results.md").read_text() if rows else "no finished runs")

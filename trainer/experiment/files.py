@@ -18,6 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+RESULT = "result.json"  # a run's record; its presence marks the run done
+ARCHIVED = RESULT + ".gz"  # the same record in a committed archive (archive.py)
+
 
 def write_atomic(path: str | Path, text: str) -> Path:
     """Writes `text` to `path` via a temporary file and a rename."""

@@ -15,7 +15,8 @@ trained only by trainer/train.py); it is the one extra training step the compari
 
 To be measured like the on-policy methods, every step also samples the *student* on the
 same prompts (not trained on) and logs its reward and the sampled-token KL estimate
-mean_t (log π − log q)(y_t), y ~ π_θ (the trainer's `kl_sampled`).
+mean_t (log π − log q)(y_t), y ~ π_θ (the trainer's `kl_sampled`), to
+<run.out_dir>/metrics.jsonl as the step ends.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trainer.config import TrainConfig
+from trainer.metrics import RunLog
 from trainer.rewards import resolve_reward, score_rewards
 from trainer.rollout import ResponseLogits, sample
 from trainer.train import load_prompts, lr_factor, prompt_indices
@@ -74,6 +76,9 @@ def train_offline(config: TrainConfig, off: OfflineConfig) -> OfflineResult:
     common = dict(group_size=ro.group_size, max_new_tokens=ro.max_new_tokens,
                   stop_ids=ro.stop_ids, keep_topk=1, pad_id=0, generator=gen)  # fmt: skip
     history: list[dict[str, float]] = []
+    # The same sinks as the on-policy loop (metrics.jsonl under run.out_dir, tqdm when
+    # run.progress): a long offline run shows where it is before it ends.
+    runlog = RunLog(run.out_dir, enabled=True, total_steps=run.steps, progress=run.progress)
     for step in range(run.steps):
         idx = prompt_indices(len(prompts), run.seed, step, 0, 1, 0, 1, ro.prompts_per_step)
         xs = [prompts[i]["prompt"] for i in idx]
@@ -117,4 +122,7 @@ def train_offline(config: TrainConfig, off: OfflineConfig) -> OfflineResult:
                 "teacher_tokens": float(tb.mask.sum()),
             }
         )
+        runlog.log(step + 1, history[-1])
+        runlog.progress(step + 1, history[-1])
+    runlog.close()
     return OfflineResult(history, student.eval())

@@ -34,14 +34,21 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from trainer.experiment.files import write_atomic, write_json
+from trainer.experiment.archive import read_result
+from trainer.experiment.files import ARCHIVED, RESULT, write_atomic, write_json
 
 WINDOW = 10
 TARGET = 0.95
 
 
 def load_results(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/seed*/result.json"))]
+    """Every finished run under `out`: a live result.json, else an archived
+    result.json.gz (archive.py), one record per run directory."""
+    found: dict[Path, Path] = {}
+    for path in sorted((out / "runs").glob("*/*/seed*/result.json*")):
+        if path.name == RESULT or (path.name == ARCHIVED and path.parent not in found):
+            found[path.parent] = path
+    return [read_result(path) for _, path in sorted(found.items())]
 
 
 def smoothed(values: list[float], window: int = WINDOW) -> list[float]:

@@ -25,7 +25,7 @@ import torch
 from trainer.config import RewardSpec, TeacherSpec, load_config
 from trainer.demo.evaluate import evaluate
 from trainer.demo.teacher_pretrain import save_model
-from trainer.experiment.files import write_json
+from trainer.experiment.files import RESULT, write_json
 from trainer.experiment.grid import Grid, Run, load_grid
 from trainer.experiment.models import (
     eval_examples,
@@ -40,7 +40,6 @@ from trainer.experiment.offline import OfflineConfig, train_offline
 from trainer.tasks import REWARDS, get_task
 from trainer.train import train
 
-RESULT = "result.json"
 HISTORY_KEYS = ("reward", "kl_sampled", "kl", "student_mass", "response_len", "lam", "loss")
 
 
@@ -101,7 +100,8 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
     else:
         history = []
         if n_off:  # offline distillation first; the on-policy loop starts from its student
-            off_cfg = dataclasses.replace(config, run=dataclasses.replace(config.run, steps=n_off))
+            off_run = dataclasses.replace(config.run, steps=n_off, out_dir=str(rdir / "offline"))
+            off_cfg = dataclasses.replace(config, run=off_run)
             off = train_offline(off_cfg, OfflineConfig())
             history = off.history
             warm = save_model(off.student, task, rdir / "offline_student")  # type: ignore[arg-type]
@@ -128,6 +128,8 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
         "steps": grid.steps,
         "samples_per_step": B,
         "student": dataclasses.asdict(grid.student),
+        "warm_steps": grid.warm_steps,
+        "grid": str(grid.path),
         "teacher": teacher_eval(tdir),
         "final": final,
         "history": [_history_row(i, row) for i, row in enumerate(history)],

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from trainer.experiment.files import try_lock, unlock, write_json
+from trainer.experiment.files import RESULT, try_lock, unlock, write_json
 from trainer.experiment.grid import Grid, Run
-from trainer.experiment.run_one import RESULT, execute
+from trainer.experiment.run_one import execute
 
 
 @dataclass(frozen=True)
