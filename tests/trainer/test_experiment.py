@@ -310,6 +310,22 @@ def test_comparison_answers_the_issue_question_per_hybrid(pure_rl_reaches: bool)
     assert "not reached (0/1 seeds) | no |" in table["never"]
 
 
+def test_comparison_holds_hybrids_to_the_best_offline_variant() -> None:
+    rng = random.Random()
+    n = rng.randrange(100, 200)
+    lo, hi = sorted(rng.uniform(0.2, 0.8) for _ in range(2))
+    hyb = (lo + hi) / 2  # above one offline variant, below the other
+    records = [
+        _record("pure_rl", n, None, 0.0, dense={"kl_coef": 0.0}),
+        _record("offline_a", n, None, hi),
+        _record("offline", n, None, lo),
+        _record("hyb", n, n // 10, hyb),
+    ]
+    records[1]["kind"] = "offline"
+    line = comparison(summarise(records)).splitlines()[2]
+    assert f"| {hyb - hi:+.3f} ± 0.000 (vs offline_a) | no |" in line
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
