@@ -131,6 +131,33 @@ def test_offline_steps_train_offline_first_then_on_policy_from_that_student(
     assert row["role"] == "hybrid" and json.loads(row["overrides"])["offline_steps"] == n_off
 
 
+def test_offline_overrides_apply_to_the_offline_phase_only(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    n_off = random.randrange(2, 5)
+    grid = tmp_path / "phase.yaml"
+    grid.write_text(
+        f"base: {BASE}\nsteps: 6\nseeds: [0]\ntasks: [reversal]\neval_prompts: 16\n"
+        "warm_steps: 3\ntrain_prompts: 50\nteacher_steps: 8\n"
+        f"methods:\n  warm: {{sparse.lam: 2.0, offline_steps: {n_off}, rollout.group_size: 2, "
+        "rollout.prompts_per_step: 2, offline: {optim.lr: 0.0, rollout.group_size: 1}}\n"
+    )
+    out = tmp_path / "out"
+    assert cli.main(["run", "--grid", str(grid), "--out", str(out)]) == 0
+    run = out / "runs/reversal/warm/seed0"
+    rec = json.loads((run / "result.json").read_text())
+    assert rec["offline_overrides"] == {"optim.lr": 0.0, "rollout.group_size": 1}
+    # lr 0 in the offline phase: its student is the warm start, weight for weight ...
+    init = load_file(out / "shared/students/reversal-seed0/model.safetensors")
+    warm = load_file(run / "offline_student" / "model.safetensors")
+    assert all(torch.equal(init[k], warm[k]) for k in init)
+    # ... and the on-policy phase kept the method's own lr and group size.
+    assert rec["config"]["optim"]["lr"] == 3.0e-3 and rec["config"]["rollout"]["group_size"] == 2
+    row = json.loads((out / "results.json").read_text())[0]
+    assert json.loads(row["overrides"])["offline"] == rec["offline_overrides"]
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -138,6 +165,9 @@ def test_offline_steps_train_offline_first_then_on_policy_from_that_student(
         ("{offline_steps: 2.5}", "methods.a.offline_steps must be an integer >= 0, got 2.5"),
         ("{kind: offline, offline_steps: 2}", "offline_steps needs an on-policy method"),
         ("{offline_steps: 5}", "offline_steps (5) must be below steps (5)"),
+        ("{offline: {optim.lr: 0.1}}", "methods.a.offline sets the offline phase's overrides"),
+        ("{offline_steps: 2, offline: 3}", "methods.a.offline must be a mapping"),
+        ("{offline_steps: 2, offline: {optim.lrr: 1}}", "method a: offline phase: "),
     ],
 )
 def test_offline_steps_errors_name_the_method_and_bound(

@@ -22,6 +22,8 @@
 `offline_steps: N` (on-policy methods): the run's first N steps are offline distillation
 (offline.py) and the on-policy loop trains the resulting student for the other steps; the
 step and teacher-token counts cover both phases (the usual SFT-then-RL pipeline).
+`offline: {...}` adds overrides for that phase only, e.g.
+`{offline_steps: 500, optim.decay: cosine, offline: {optim.decay: constant}}`.
 
 A run is (task, method, seed); its directory is <out>/runs/<task>/<method>/seed<k>.
 `runs()` lists them in the order they are run: task by task (every main method and seed
@@ -57,6 +59,7 @@ class Method:
     overrides: Mapping[str, Any]
     kind: str = "onpolicy"
     offline_steps: int = 0
+    offline_overrides: Mapping[str, Any] = field(default_factory=dict)  # that phase only
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,10 @@ def _methods(raw: Mapping[str, Any], known: dict[str, Method], where: str) -> li
         parent = spec.pop("from", None)
         kind = spec.pop("kind", None)
         offline_steps = spec.pop("offline_steps", None)
+        phase = spec.pop("offline", None)
+        if phase is not None and not isinstance(phase, Mapping):
+            raise ValueError(f"{where}.{name}.offline must be a mapping of config overrides "
+                             f"for the offline phase, got {phase!r}")  # fmt: skip
         if parent is not None:
             if parent not in known:
                 raise ValueError(f"{where}.{name}.from: unknown method {parent!r}")
@@ -117,6 +124,7 @@ def _methods(raw: Mapping[str, Any], known: dict[str, Method], where: str) -> li
             spec = {**base.overrides, **spec}
             kind = kind or base.kind
             offline_steps = base.offline_steps if offline_steps is None else offline_steps
+            phase = {**base.offline_overrides, **(phase or {})}
         kind = kind or "onpolicy"
         if kind not in ("onpolicy", "offline"):
             raise ValueError(f"{where}.{name}.kind must be 'onpolicy' or 'offline', got {kind!r}")
@@ -128,10 +136,21 @@ def _methods(raw: Mapping[str, Any], known: dict[str, Method], where: str) -> li
         if offline_steps and kind != "onpolicy":
             raise ValueError(f"{where}.{name}.offline_steps needs an on-policy method, "
                              f"not kind {kind!r}")  # fmt: skip
-        m = Method(name, spec, kind, offline_steps)
+        if phase and not offline_steps:
+            raise ValueError(f"{where}.{name}.offline sets the offline phase's overrides; "
+                             "it needs offline_steps >= 1")  # fmt: skip
+        m = Method(name, spec, kind, offline_steps, dict(phase or {}))
         known[name] = m
         out.append(m)
     return out
+
+
+def offline_overrides(method: Method) -> dict[str, Any]:
+    """The config overrides of `method`'s offline distillation (an offline method's whole
+    run, or an on-policy method's first offline_steps): its overrides, then its
+    `offline` ones. Offline distillation has no Sparse term, so its baseline is "none":
+    a group of one sample (G = 1) is then valid."""
+    return {**method.overrides, "sparse.baseline": "none", **method.offline_overrides}
 
 
 def _student(raw: Any, where: Path) -> ModelSize:
@@ -170,10 +189,15 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
         get_task(t)  # raises on an unknown task
     base = (p.parent / raw["base"]).resolve()
     for m in (*methods, *ablations):  # a typo fails here, not in every run of the grid
-        try:
-            load_config(base, {"student.model_dir": "-", "data.prompts": "-", **m.overrides})
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{p}: method {m.name}: {exc}") from exc
+        phases = [("", m.overrides)] if m.kind == "onpolicy" else []
+        if m.kind == "offline" or m.offline_steps:
+            phases.append(("offline phase: " if m.offline_steps else "",
+                           offline_overrides(m)))  # fmt: skip
+        for label, overrides in phases:
+            try:
+                load_config(base, {"student.model_dir": "-", "data.prompts": "-", **overrides})
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{p}: method {m.name}: {label}{exc}") from exc
     steps = int(raw.get("steps", 150))
     if steps < 1:
         raise ValueError(f"{p}: steps must be >= 1, got {steps}")

@@ -134,6 +134,8 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         shown = dict(recs[0]["overrides"])
         if recs[0].get("offline_steps"):
             shown["offline_steps"] = recs[0]["offline_steps"]
+        if recs[0].get("offline_overrides"):
+            shown["offline"] = recs[0]["offline_overrides"]
         row["overrides"] = json.dumps(shown, sort_keys=True)
         rows.append(row)
     return rows

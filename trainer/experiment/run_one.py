@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from trainer.config import RewardSpec, TeacherSpec, load_config
+from trainer.config import RewardSpec, TeacherSpec, TrainConfig, load_config
 from trainer.demo.evaluate import evaluate
 from trainer.demo.teacher_pretrain import save_model
 from trainer.experiment.files import RESULT, write_json
-from trainer.experiment.grid import Grid, Run, load_grid
+from trainer.experiment.grid import Grid, Run, load_grid, offline_overrides
 from trainer.experiment.models import (
     eval_examples,
     load_lm,
@@ -73,7 +73,7 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
     sdir = student_init(shared, task, run.seed, grid.warm_steps, grid.student)
     prompts = prompts_file(shared, task, grid.train_prompts)
     rdir = run.directory(out)
-    overrides = {
+    common = {
         "student.model_dir": str(sdir),
         "data.prompts": str(prompts),
         "run.out_dir": str(rdir / "train"),
@@ -84,25 +84,28 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
         "run.plots": False,
         "run.num_threads": threads,
         "rollout.max_new_tokens": task.response_len + 2,
-        **run.method.overrides,
     }
-    config = load_config(grid.base, overrides)
-    config = dataclasses.replace(
-        config,
-        teachers=(TeacherSpec(name=task.name, model_dir=str(tdir)),),
-        rewards=tuple(RewardSpec(fn, w) for fn, w in REWARDS),
-    )
-    B = config.rollout.prompts_per_step * config.rollout.group_size * config.optim.accum_steps
+
+    def build(overrides: dict[str, Any]) -> TrainConfig:
+        config = load_config(grid.base, {**common, **overrides})
+        return dataclasses.replace(
+            config,
+            teachers=(TeacherSpec(name=task.name, model_dir=str(tdir)),),
+            rewards=tuple(RewardSpec(fn, w) for fn, w in REWARDS),
+        )
+
     n_off = run.method.offline_steps
     if run.method.kind == "offline":
+        config = build(offline_overrides(run.method))
         off = train_offline(config, OfflineConfig())
         history, student = off.history, off.student
     else:
+        config = build(dict(run.method.overrides))
         history = []
         if n_off:  # offline distillation first; the on-policy loop starts from its student
-            off_run = dataclasses.replace(config.run, steps=n_off, out_dir=str(rdir / "offline"))
-            off_cfg = dataclasses.replace(config, run=off_run)
-            off = train_offline(off_cfg, OfflineConfig())
+            off_cfg = build(offline_overrides(run.method))
+            off_run = dataclasses.replace(off_cfg.run, steps=n_off, out_dir=str(rdir / "offline"))
+            off = train_offline(dataclasses.replace(off_cfg, run=off_run), OfflineConfig())
             history = off.history
             warm = save_model(off.student, task, rdir / "offline_student")  # type: ignore[arg-type]
             config = dataclasses.replace(
@@ -112,6 +115,8 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
             )
         result = train(config)
         student = result.student
+        ro = config.rollout
+        B = ro.prompts_per_step * ro.group_size * config.optim.accum_steps
         for row in result.history:  # teacher tokens the step needed: its response tokens scored
             row["teacher_tokens"] = 0.0 if config.dense.kl_coef == 0 else row["response_len"] * B
         history = history + result.history
@@ -125,8 +130,11 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
         "seed": run.seed,
         "overrides": dict(run.method.overrides),
         "offline_steps": n_off,
+        "offline_overrides": dict(run.method.offline_overrides),
         "steps": grid.steps,
-        "samples_per_step": B,
+        "samples_per_step": (
+            config.rollout.prompts_per_step * config.rollout.group_size * config.optim.accum_steps
+        ),
         "student": dataclasses.asdict(grid.student),
         "warm_steps": grid.warm_steps,
         "grid": str(grid.path),
