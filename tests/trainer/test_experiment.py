@@ -387,3 +387,20 @@ def test_archive_of_an_out_without_finished_runs_fails_naming_it(
         cli.main(["archive", "--out", str(tmp_path / "out"), "--to", str(tmp_path / "arc")])
     assert f"--out {tmp_path / 'out'}: no finished run" in capsys.readouterr().err
     assert not (tmp_path / "arc").exists()
+
+
+@pytest.mark.parametrize(
+    "archived",
+    sorted(p.parent for p in (BASE.parents[2] / "results").glob("*/results.json")),
+    ids=lambda p: p.name,
+)
+def test_committed_archives_back_their_tables_and_the_docs(archived: Path) -> None:
+    """Every committed archive (results/<grid>/) still produces the table committed beside
+    it, and docs/results.md quotes that table: no documented row without its runs."""
+    rows = summarise(load_results(archived))
+    assert rows, f"{archived}: no archived runs"
+    _assert_rows_match(rows, json.loads((archived / "results.json").read_text()))
+    docs = (BASE.parents[2] / "docs" / "results.md").read_text()
+    table = [line for line in (archived / "results.md").read_text().splitlines() if line]
+    missing = [line for line in table if line not in docs]
+    assert not missing, f"docs/results.md lacks these rows of {archived}/results.md: {missing}"
