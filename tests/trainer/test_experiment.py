@@ -312,7 +312,8 @@ def test_comparison_answers_the_issue_question_per_hybrid(pure_rl_reaches: bool)
     rng = random.Random()
     n = rng.randrange(200, 400)
     fast, slow = rng.randrange(20, n // 5 - 10), rng.randrange(n // 5 + 30, n - 20)
-    rl_at = rng.randrange(slow + 10, n) if pure_rl_reaches else None
+    # A full window after the jump must fit in the run, or pure RL never "reaches".
+    rl_at = rng.randrange(slow + 10, n - 10) if pure_rl_reaches else None
     off_final = rng.uniform(0.3, 0.7)
     records = [
         _record("pure_rl", n, rl_at, 0.1, dense={"kl_coef": 0.0}),
