@@ -190,18 +190,16 @@ def comparison(rows: list[dict[str, Any]]) -> str:
     lines = ["| task | hybrid method | steps to 95 % | vs pure RL's steps | ≤ 1/5 | "
              "final − offline (± s.e.) | ≥ offline |", "|" + "---|" * 7]  # fmt: skip
     for task in sorted({r["task"] for r in rows}):
-        # One row per baseline role: of several pure RL rows (run for longer) the longest,
-        # the bound; of several offline rows (variants) the highest final reward, the
-        # strictest comparison, named in the cell.
-        base = [r for r in rows if r["task"] == task and r["role"] != "hybrid"]
-        of = {r["role"]: r for r in sorted(base, key=lambda r: (r["steps"], r["final_reward"]))}
-        offline = [r for r in base if r["role"] == "offline"]
-        if offline:
-            of["offline"] = max(offline, key=lambda r: r["final_reward"])
+        # The baselines: of several pure RL rows (run for longer) the longest, the bound;
+        # of several offline rows (variants) the highest final reward, the strictest
+        # comparison, named in the cell.
+        pure = [r for r in rows if r["task"] == task and r["role"] == "pure_rl"]
+        offline = [r for r in rows if r["task"] == task and r["role"] == "offline"]
+        rl = max(pure, key=lambda r: r["steps"]) if pure else None
+        off = max(offline, key=lambda r: r["final_reward"]) if offline else None
         for hyb in (r for r in rows if r["task"] == task and r["role"] == "hybrid"):
-            text, verdict = _ratio(hyb, of.get("pure_rl"))
+            text, verdict = _ratio(hyb, rl)
             steps = "—" if not hyb["reached"] else f"{hyb['steps_to_95']:,.0f}"
-            off = of.get("offline")
             if off is None:
                 diff, above = "no offline run", "—"
             else:

@@ -56,6 +56,12 @@ def _git_state() -> str:
     return head + ("+dirty" if dirty.returncode else "")
 
 
+def _samples_per_step(config: TrainConfig) -> int:
+    """Sequences one optimizer step trains on (the on-policy phase's, for two phases)."""
+    ro = config.rollout
+    return ro.prompts_per_step * ro.group_size * config.optim.accum_steps
+
+
 def _history_row(i: int, row: dict[str, float]) -> dict[str, float]:
     keep = {k: row[k] for k in HISTORY_KEYS if k in row}
     return {"step": i + 1, "teacher_tokens": row.get("teacher_tokens", 0.0), **keep}
@@ -115,8 +121,7 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
             )
         result = train(config)
         student = result.student
-        ro = config.rollout
-        B = ro.prompts_per_step * ro.group_size * config.optim.accum_steps
+        B = _samples_per_step(config)
         for row in result.history:  # teacher tokens the step needed: its response tokens scored
             row["teacher_tokens"] = 0.0 if config.dense.kl_coef == 0 else row["response_len"] * B
         history = history + result.history
@@ -132,9 +137,7 @@ def execute(grid: Grid, out: Path, run: Run, threads: int = 1) -> dict[str, Any]
         "offline_steps": n_off,
         "offline_overrides": dict(run.method.offline_overrides),
         "steps": grid.steps,
-        "samples_per_step": (
-            config.rollout.prompts_per_step * config.rollout.group_size * config.optim.accum_steps
-        ),
+        "samples_per_step": _samples_per_step(config),
         "student": dataclasses.asdict(grid.student),
         "warm_steps": grid.warm_steps,
         "grid": str(grid.path),
